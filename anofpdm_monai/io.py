@@ -1,0 +1,143 @@
+"""File input and output: validated NIfTI reading, atomic writing, weights-only checkpoints.
+
+Every writer here writes to a temporary name in the destination folder and renames it,
+so a killed process never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+
+class InputError(ValueError):
+    """A problem with a user's file, phrased as one line: the file, what is wrong, how to fix it."""
+
+
+def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save_dataframe(df: Any, path: str | Path) -> Path:
+    """Write a pandas DataFrame as CSV atomically."""
+    return _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def atomic_save_npy(array: np.ndarray, path: str | Path) -> Path:
+    """Write an array as ``.npy`` atomically (memory-mappable afterwards)."""
+    return _atomic_write(path, lambda tmp: np.save(tmp, array))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically."""
+    return _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``; refuse anything that carries pickled objects.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        InputError: the file holds objects other than tensors and plain containers, or is not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        raise InputError(
+            f"{path}: refused to load: it is not a weights-only checkpoint ({type(err).__name__}); "
+            "anofpdm only loads plain state dicts of tensors; re-export the weights with torch.save(model.state_dict())"
+        ) from err
+
+
+def load_nifti(path: str | Path, *, allow_4d_singleton: bool = True) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read a 3-D NIfTI volume and check it is usable.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        allow_4d_singleton: accept a 4-D file whose last axis has length 1 (squeezed).
+
+    Returns:
+        (array (X, Y, Z) float32, the nibabel image whose header and affine describe it).
+
+    Raises:
+        InputError: missing, empty, truncated or non-NIfTI file; not 3-D; NaN or infinite voxels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found; check the path or the case folder's file names")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes); re-export or re-download this volume")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
+        raise InputError(f"{path}: unreadable or truncated ({err}); re-export or re-download this volume") from err
+    except Exception as err:  # nibabel's ImageFileError and friends
+        raise InputError(f"{path}: not a NIfTI image ({err}); give a .nii or .nii.gz volume") from err
+    if data.ndim == 4 and allow_4d_singleton and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(
+            f"{path}: expected a 3-D volume, found {data.ndim}-D with shape {data.shape}; "
+            "split 4-D series into one 3-D file per sequence"
+        )
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise InputError(f"{path}: {bad} NaN or infinite voxels; fix or mask them (e.g. set them to 0) and retry")
+    return data, image
+
+
+def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type | np.dtype) -> Path:
+    """Write ``array`` on the reference image's grid: same shape, affine, qform/sform and codes, zooms.
+
+    Args:
+        array: (X, Y, Z) values on the reference's voxel grid.
+        reference: the input image whose geometry the output must keep.
+        path: output ``.nii.gz`` path (written atomically).
+        dtype: on-disk data type, e.g. ``np.uint8`` for masks, ``np.float32`` for maps.
+    """
+    if tuple(array.shape) != tuple(reference.shape[:3]):
+        raise ValueError(f"array shape {array.shape} differs from the reference grid {reference.shape[:3]}")
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_data_shape(array.shape)
+    header["scl_slope"] = 1.0
+    header["scl_inter"] = 0.0
+    header["cal_min"] = 0.0
+    header["cal_max"] = 0.0
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), None, header)
+    qform, qcode = reference.get_qform(coded=True)
+    sform, scode = reference.get_sform(coded=True)
+    image.set_qform(qform if qform is not None else reference.affine, int(qcode) if qcode is not None else 0)
+    image.set_sform(sform if sform is not None else reference.affine, int(scode) if scode is not None else 0)
+    return _atomic_write(path, lambda tmp: nib.save(image, str(tmp)))

@@ -1,0 +1,87 @@
+"""The noise predictor: MONAI's DiffusionModelUNet with three class embeddings.
+
+The class convention lives here and only here: every caller asks for
+``HEALTHY``, ``UNHEALTHY`` or ``NULL`` (the unconditional embedding of
+classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+
+from anofpdm_monai.config import DiffusionConfig, NetworkConfig
+
+HEALTHY = 0
+UNHEALTHY = 1
+NULL = 2
+NUM_CLASS_EMBEDS = 3
+
+
+def build_network(cfg: NetworkConfig) -> DiffusionModelUNet:
+    """Build the 2-D epsilon-predicting UNet of ``cfg`` with embeddings {healthy, unhealthy, null}."""
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        num_class_embeds=NUM_CLASS_EMBEDS,
+    )
+
+
+def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    """MONAI's DDPM scheduler for ``cfg`` (linear betas 1e-4 to 0.02 over 1000 steps by default)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        schedule=cfg.schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+    )
+
+
+def drop_labels(labels: torch.Tensor, p_uncond: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by ``NULL`` with probability ``p_uncond`` (classifier-free training).
+
+    Args:
+        labels: (B,) long, values in {HEALTHY, UNHEALTHY}.
+        p_uncond: probability of dropping a label, in [0, 1].
+        generator: random source for reproducible drops (on the labels' device).
+    """
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond={p_uncond} must lie in [0, 1]")
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(labels, NULL), labels)
+
+
+class NoisePredictor:
+    """Callable ``eps(x_t, t, labels)`` over a UNet: the interface the forward process uses.
+
+    Args:
+        network: a network built by :func:`build_network`, in eval mode.
+        autocast: run the network under bf16 autocast (CUDA only).
+    """
+
+    def __init__(self, network: torch.nn.Module, autocast: bool = False) -> None:
+        self.network = network
+        self.autocast = autocast
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Predict the noise.
+
+        Args:
+            x_t: (N, C, S, S) noised slices.
+            t: (N,) long timesteps in [0, T).
+            labels: (N,) long class indices (HEALTHY, UNHEALTHY or NULL).
+
+        Returns:
+            (N, C, S, S) float32 predicted noise.
+        """
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast and x_t.is_cuda):
+            eps = self.network(x_t, timesteps=t, class_labels=labels)
+        return eps.float()
