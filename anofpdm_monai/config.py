@@ -82,7 +82,7 @@ class PreprocessConfig:
     channel_names: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
     map_channels: tuple[str, ...] = ("flair", "t2")
     percentile: float = 99.0
-    min_brain_fraction: float = 0.01
+    min_brain_fraction: float = 0.05
     register_to: str | None = None
     dataset: str = "brats"
 

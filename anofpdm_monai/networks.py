@@ -7,11 +7,14 @@ classifier-free guidance).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-from anofpdm_monai.config import DiffusionConfig, NetworkConfig
+from anofpdm_monai.config import DiffusionConfig, ModelConfig, NetworkConfig
+from anofpdm_monai.io import InputError, safe_torch_load
 
 HEALTHY = 0
 UNHEALTHY = 1
@@ -85,3 +88,34 @@ class NoisePredictor:
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast and x_t.is_cuda):
             eps = self.network(x_t, timesteps=t, class_labels=labels)
         return eps.float()
+
+
+def load_model_folder(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+    """Load a trained model folder (``config.json`` + ``model.pt``, EMA weights) for inference.
+
+    Raises:
+        FileNotFoundError: ``config.json`` or ``model.pt`` is missing.
+        InputError: the weights are not a plain state dict, or do not fit the config
+            (another preset or channel count).
+    """
+    model_dir = Path(model_dir)
+    config = ModelConfig.load(model_dir / "config.json")
+    network = build_network(config.network)
+    state = safe_torch_load(model_dir / "model.pt")
+    load_weights(network, state, model_dir / "model.pt", config.network)
+    return network.to(device).eval(), config
+
+
+def load_weights(network: torch.nn.Module, state: object, path: Path, cfg: NetworkConfig) -> None:
+    """``load_state_dict`` with a message that says which preset/channel count the file does not fit."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: not a plain state dict of tensors; save weights with torch.save(model.state_dict())")
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        first_weight = state.get("conv_in.conv.weight")
+        found = f" (the file's first layer takes {first_weight.shape[1]} channels)" if first_weight is not None else ""
+        raise InputError(
+            f"{path}: weights do not fit config.json (preset {cfg.preset!r}, {cfg.in_channels} channels, "
+            f"widths {list(cfg.channels)}){found}; use the config.json saved with these weights"
+        ) from err

@@ -267,7 +267,7 @@ class PhantomCase:
         label_values = [1, 2, 4] if self.layout == "brats" else [1]
         soft = _gaussian_blur(torch.stack([(labels == v).float() for v in label_values]), 0.8)
         # Oedema infiltrates: how much of a voxel's signal it replaces varies in space.
-        infiltration = (0.75 + 0.2 * _smooth_noise(self.shape, 12, self.rng)).clamp(0.4, 1.0)
+        infiltration = (0.9 + 0.15 * _smooth_noise(self.shape, 12, self.rng)).clamp(0.5, 1.0)
         atlas_cavity = self.rng.uniform(0.25, 0.40)
         atlas_rim = self.rng.uniform(0.55, 0.70)
         images = {}

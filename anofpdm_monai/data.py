@@ -1,0 +1,169 @@
+"""The preprocessed store: per-patient memory-mappable arrays plus one manifest table.
+
+Layout of a store folder ``PREP``::
+
+    PREP/settings.json           PreprocessConfig + split settings
+    PREP/manifest.csv            patient, slice, split, label, lesion_pixels (one row per brain slice)
+    PREP/images/<patient>.npy    (N, C, S, S) float16 in [-1, 1]
+    PREP/masks/<patient>.npy     (N, S, S) uint8 (all zero when the case has no lesion file)
+    PREP/cases/<patient>.json    slice indices and source files; written last: marks the case done
+    PREP/skipped.csv             cases that could not be read, with the reason
+
+Every file is written to a temporary name and renamed, so an interrupted run leaves only
+complete patients behind, and a rerun does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from anofpdm_monai.config import PreprocessConfig
+from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_save_npy, atomic_write_text
+from anofpdm_monai.transforms import PreprocessedCase
+
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ["patient", "slice", "split", "label", "lesion_pixels"]
+
+
+def case_done(store: Path, patient: str) -> bool:
+    """Whether ``patient`` was completely written to ``store``."""
+    return (store / "cases" / f"{patient}.json").is_file()
+
+
+def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[str, str]) -> None:
+    """Write one preprocessed case; the JSON written last marks it complete."""
+    images = case.images.numpy().astype(np.float16)
+    masks = (case.masks if case.masks is not None else torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool))
+    atomic_save_npy(images, store / "images" / f"{patient}.npy")
+    atomic_save_npy(masks.numpy().astype(np.uint8), store / "masks" / f"{patient}.npy")
+    meta = {"slices": case.geometry.slice_indices.tolist(), "has_label": case.masks is not None, "sources": sources}
+    atomic_write_text(store / "cases" / f"{patient}.json", json.dumps(meta))
+
+
+def assign_splits(patients: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Seeded patient-level split: every slice of a patient lands in the same split."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"--split {fractions} must be three non-negative fractions summing to 1 (train,val,test)")
+    order = np.random.default_rng(seed).permutation(sorted(patients))
+    n = len(order)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    if fractions[1] > 0 and n_val == 0 and n - n_train > 1:
+        n_val = 1
+    split = {}
+    for i, patient in enumerate(order):
+        split[str(patient)] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
+    return split
+
+
+def write_manifest(store: Path, split_of: dict[str, str]) -> pd.DataFrame:
+    """Build ``manifest.csv`` from the completed cases (one row per brain slice)."""
+    rows = []
+    for patient in sorted(split_of):
+        meta = json.loads((store / "cases" / f"{patient}.json").read_text())
+        masks = np.load(store / "masks" / f"{patient}.npy", mmap_mode="r")
+        pixels = masks.reshape(masks.shape[0], -1).sum(axis=1)
+        for slice_index, lesion in zip(meta["slices"], pixels):
+            rows.append((patient, int(slice_index), split_of[patient], int(lesion > 0), int(lesion)))
+    table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    atomic_save_dataframe(table, store / "manifest.csv")
+    return table
+
+
+def write_settings(store: Path, config: PreprocessConfig, split: tuple[float, float, float], seed: int) -> None:
+    settings = {"preprocess": asdict(config), "split": list(split), "seed": seed}
+    atomic_write_text(store / "settings.json", json.dumps(settings, indent=2) + "\n")
+
+
+class PreprocessedStore:
+    """Read access to a store written by ``anofpdm preprocess``.
+
+    Args:
+        root: the store folder.
+
+    Raises:
+        InputError: the folder is missing, or has no manifest or no slices.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest = self.root / "manifest.csv"
+        settings = self.root / "settings.json"
+        if not manifest.is_file() or not settings.is_file():
+            raise InputError(
+                f"{self.root}: not a preprocessed store (no manifest.csv/settings.json); "
+                "create one with: anofpdm preprocess -i RAW -o PREP --dataset brats"
+            )
+        self.manifest = pd.read_csv(manifest, dtype={"patient": str})
+        if self.manifest.empty:
+            raise InputError(f"{manifest}: the store holds no slices; rerun anofpdm preprocess on a cohort with brain images")
+        self.settings = json.loads(settings.read_text())
+        self.config = PreprocessConfig(**self.settings["preprocess"])
+        self._images: dict[str, np.ndarray] = {}
+        self._masks: dict[str, np.ndarray] = {}
+        # Row of each manifest entry inside its patient's arrays.
+        self.manifest["row"] = self.manifest.groupby("patient").cumcount()
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.config.channel_names)
+
+    def images(self, patient: str) -> np.ndarray:
+        """(N, C, S, S) float16 memory map of ``patient``'s slices."""
+        if patient not in self._images:
+            self._images[patient] = np.load(self.root / "images" / f"{patient}.npy", mmap_mode="r")
+        return self._images[patient]
+
+    def masks(self, patient: str) -> np.ndarray:
+        """(N, S, S) uint8 memory map of ``patient``'s lesion masks."""
+        if patient not in self._masks:
+            self._masks[patient] = np.load(self.root / "masks" / f"{patient}.npy", mmap_mode="r")
+        return self._masks[patient]
+
+    def rows(self, split: str | None = None) -> pd.DataFrame:
+        """Manifest rows of ``split`` (all rows when None)."""
+        if split is None:
+            return self.manifest
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; choose one of {SPLITS}")
+        return self.manifest[self.manifest["split"] == split]
+
+    def case_meta(self, patient: str) -> dict:
+        return json.loads((self.root / "cases" / f"{patient}.json").read_text())
+
+    def load_slices(self, rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (N, C, S, S) float32, masks (N, S, S) bool and labels (N,) long of the given manifest rows."""
+        images = [self.images(p)[r] for p, r in zip(rows["patient"], rows["row"])]
+        masks = [self.masks(p)[r] for p, r in zip(rows["patient"], rows["row"])]
+        return (
+            torch.from_numpy(np.stack(images).astype(np.float32)),
+            torch.from_numpy(np.stack(masks).astype(bool)),
+            torch.as_tensor(rows["label"].to_numpy(), dtype=torch.long),
+        )
+
+
+class SliceDataset(Dataset):
+    """Slices of one split as ``(image (C, S, S) float32, label () long)`` pairs, read from the memory maps."""
+
+    def __init__(self, store: PreprocessedStore, split: str = "train") -> None:
+        self.store = store
+        self.rows = store.rows(split).reset_index(drop=True)
+        if self.rows.empty:
+            raise InputError(f"{store.root}: the '{split}' split holds no slices; preprocess more cases or change --split")
+        self.patients = self.rows["patient"].to_numpy()
+        self.row_in_patient = self.rows["row"].to_numpy()
+        self.labels = self.rows["label"].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.store.images(self.patients[index])[self.row_in_patient[index]]
+        return torch.from_numpy(image.astype(np.float32)), torch.tensor(int(self.labels[index]))

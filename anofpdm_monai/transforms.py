@@ -1,0 +1,340 @@
+"""The preprocessing chain of ALGORITHM.md section 1 as MONAI transforms, and its inverse.
+
+Forward (``preprocess_case``): load and validate every channel (:class:`LoadCased`),
+optional affine registration to a template with SimpleITK (:class:`RegisterToTemplated`),
+orientation to RAS (MONAI ``Orientationd``), per-volume percentile normalisation
+(:class:`PercentileNormalised`), then axial brain slices resized to S x S (MONAI ``Resized``)
+and scaled per slice and channel to [-1, 1] (:func:`scale_slices`).
+
+Inverse (``slices_to_volume``): per-slice outputs go back through the resize, the orientation
+and the registration onto the input's own voxel grid. A :class:`CaseGeometry` carries what the
+inverse needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform, Orientationd
+
+from anofpdm_monai.io import InputError, load_nifti
+
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+AFFINE_TOLERANCE_MM = 1e-3
+"""Largest difference between two channels' affines (entries, mm) still taken as the same grid."""
+
+
+@dataclass
+class CaseGeometry:
+    """What it takes to put per-slice outputs back on the input's voxel grid.
+
+    Attributes:
+        reference: path of the first channel file (its header is copied onto outputs).
+        input_shape: (X, Y, Z) of the input files.
+        input_affine: (4, 4) affine of the input files.
+        ras_shape: (X, Y, Z) after registration and RAS orientation.
+        slice_indices: axial (last-axis) indices of the RAS volume that were kept as brain slices.
+        registration: SimpleITK transform parameters when the case was registered, else None.
+    """
+
+    reference: Path
+    input_shape: tuple[int, int, int]
+    input_affine: np.ndarray
+    ras_shape: tuple[int, int, int]
+    slice_indices: np.ndarray
+    registration: dict[str, Any] | None = None
+
+
+class LoadCased(MapTransform):
+    """Load a case's channel files into one (C, X, Y, Z) MetaTensor, checking they share one grid.
+
+    Input dict: ``{"image": [path, ...], "label": path | None}``. Output: ``image`` (C, X, Y, Z)
+    float32 MetaTensor with the first channel's affine, ``label`` (1, X, Y, Z) or absent, and
+    ``reference`` (the first channel's path).
+    """
+
+    def __init__(self, allowed_labels: Sequence[int] | None = None) -> None:
+        super().__init__(keys=["image"])
+        self.allowed_labels = None if allowed_labels is None else set(int(v) for v in allowed_labels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        paths = [Path(p) for p in d["image"]]
+        arrays, first = [], None
+        for path in paths:
+            array, image = load_nifti(path)
+            if first is None:
+                first = (path, image)
+            else:
+                _check_same_grid(first, (path, image))
+            arrays.append(array)
+        ref_path, ref_image = first
+        affine = torch.as_tensor(ref_image.affine, dtype=torch.float64)
+        stacked = np.stack(arrays)
+        if not np.any(stacked):
+            raise InputError(f"{ref_path}: every voxel is zero; this volume holds no image")
+        d["image"] = MetaTensor(torch.from_numpy(stacked), affine=affine)
+        d["reference"] = ref_path
+        if d.get("label") is not None:
+            label_path = Path(d["label"])
+            label, label_image = load_nifti(label_path)
+            _check_same_grid(first, (label_path, label_image))
+            values = set(np.unique(label).astype(int).tolist())
+            if self.allowed_labels is not None and not values <= self.allowed_labels | {0}:
+                raise InputError(
+                    f"{label_path}: unexpected label values {sorted(values - self.allowed_labels - {0})}; "
+                    f"expected {sorted(self.allowed_labels | {0})} (all non-zero labels are merged into one lesion class)"
+                )
+            d["label"] = MetaTensor(torch.from_numpy((label > 0).astype(np.float32))[None], affine=affine)
+        else:
+            d.pop("label", None)
+        return d
+
+
+def _check_same_grid(first: tuple[Path, nib.Nifti1Image], other: tuple[Path, nib.Nifti1Image]) -> None:
+    (p0, im0), (p1, im1) = first, other
+    if im0.shape[:3] != im1.shape[:3]:
+        raise InputError(
+            f"{p1}: shape {im1.shape[:3]} differs from {p0.name} {im0.shape[:3]}; all channels of a case must share one grid "
+            "(resample them onto one grid first)"
+        )
+    diff = float(np.abs(im0.affine - im1.affine).max())
+    if diff > AFFINE_TOLERANCE_MM:
+        raise InputError(
+            f"{p1}: affine differs from {p0.name} by up to {diff:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); "
+            "all channels of a case must share one grid (resample them onto one grid first)"
+        )
+
+
+class RegisterToTemplated(MapTransform):
+    """Affine registration of the case to a template with SimpleITK; resamples image and label onto it.
+
+    The first channel drives a Mattes mutual-information affine registration; the transform is
+    stored under ``registration`` so that :func:`slices_to_volume` can map outputs back.
+    """
+
+    def __init__(self, template: str | Path, iterations: int = 100) -> None:
+        super().__init__(keys=["image"])
+        self.template = Path(template)
+        self.iterations = iterations
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        import SimpleITK as sitk
+
+        d = dict(data)
+        fixed = sitk.ReadImage(str(self.template), sitk.sitkFloat32)
+        moving_ref = sitk.ReadImage(str(d["reference"]), sitk.sitkFloat32)
+        transform = register_affine(fixed, moving_ref, self.iterations)
+        channels = [
+            _resample_array(c.numpy(), moving_ref, fixed, transform, sitk.sitkLinear) for c in d["image"].as_tensor()
+        ]
+        fixed_affine = torch.as_tensor(nib.load(str(self.template)).affine, dtype=torch.float64)
+        d["image"] = MetaTensor(torch.from_numpy(np.stack(channels)), affine=fixed_affine)
+        if "label" in d:
+            label = _resample_array(d["label"][0].numpy(), moving_ref, fixed, transform, sitk.sitkNearestNeighbor)
+            d["label"] = MetaTensor(torch.from_numpy(label)[None], affine=fixed_affine)
+        d["registration"] = {
+            "template": str(self.template),
+            "parameters": list(transform.GetParameters()),
+            "fixed_parameters": list(transform.GetFixedParameters()),
+        }
+        return d
+
+
+def register_affine(fixed: Any, moving: Any, iterations: int = 100) -> Any:
+    """Affine SimpleITK transform mapping points of ``fixed`` to ``moving`` (Mattes MI, multi-resolution)."""
+    import SimpleITK as sitk
+
+    initial = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.05, seed=0)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, iterations)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel([4, 2])
+    method.SetSmoothingSigmasPerLevel([2, 1])
+    method.SetInitialTransform(initial, inPlace=False)
+    return method.Execute(fixed, moving)
+
+
+def _to_sitk(array: np.ndarray, like: Any) -> Any:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(np.float32))
+    image.CopyInformation(like)
+    return image
+
+
+def _resample_array(array: np.ndarray, source: Any, target: Any, transform: Any, interpolator: int) -> np.ndarray:
+    """Resample an (X, Y, Z) array on ``source``'s grid onto ``target``'s grid; ``transform`` maps target to source points."""
+    import SimpleITK as sitk
+
+    out = sitk.Resample(_to_sitk(array, source), target, transform, interpolator, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.float32)
+
+
+class PercentileNormalised(MapTransform):
+    """Divide each channel by a percentile of its non-zero (brain) voxels (ALGORITHM.md section 1)."""
+
+    def __init__(self, percentile: float = 99.0) -> None:
+        super().__init__(keys=["image"])
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile={percentile} must lie in (0, 100]")
+        self.percentile = percentile
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d["image"]
+        scaled = []
+        for c, channel in enumerate(image.as_tensor()):
+            brain = channel[channel != 0]
+            if brain.numel() == 0:
+                raise InputError(f"{d.get('reference')}: channel {c} is all zero after loading; it holds no image")
+            scale = torch.quantile(brain.float()[:: max(1, brain.numel() // 2_000_000)], self.percentile / 100.0)
+            scaled.append(channel / scale.clamp_min(1e-8))
+        d["image"] = MetaTensor(torch.stack(scaled), affine=image.affine)
+        return d
+
+
+def scale_slices(slices: torch.Tensor) -> torch.Tensor:
+    """Min-max each slice and channel to [0, 1], then map to [-1, 1] (ALGORITHM.md section 1).
+
+    Args:
+        slices: (N, C, S, S) float.
+
+    Returns:
+        (N, C, S, S) in [-1, 1]; a constant slice-channel maps to -1.
+    """
+    flat = slices.flatten(2)
+    lo = flat.min(dim=2, keepdim=True).values
+    hi = flat.max(dim=2, keepdim=True).values
+    unit = (flat - lo) / (hi - lo).clamp_min(1e-8)
+    return (unit * 2.0 - 1.0).view_as(slices)
+
+
+def resize_slices(volume: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Resize the axial slices of a (C, X, Y, Z) volume to (Z, C, size, size)."""
+    slices = volume.permute(3, 0, 1, 2).float()
+    return F.interpolate(slices, size=(size, size), mode=mode, align_corners=False, antialias=False)
+
+
+def build_chain(percentile: float = 99.0, register_to: str | None = None, allowed_labels: Sequence[int] | None = None) -> Compose:
+    """The MONAI transform chain up to (and including) normalisation, for one case dict."""
+    transforms: list[Any] = [LoadCased(allowed_labels=allowed_labels)]
+    if register_to:
+        transforms.append(RegisterToTemplated(register_to))
+    transforms += [
+        Orientationd(keys=["image", "label"], axcodes="RAS", allow_missing_keys=True, labels=RAS_LABELS),
+        PercentileNormalised(percentile),
+    ]
+    return Compose(transforms)
+
+
+@dataclass
+class PreprocessedCase:
+    """One case after the chain: slices (N, C, S, S) in [-1, 1], masks (N, S, S) bool or None, geometry."""
+
+    images: torch.Tensor
+    masks: torch.Tensor | None
+    geometry: CaseGeometry
+
+
+def preprocess_case(
+    channel_paths: Sequence[str | Path],
+    label_path: str | Path | None,
+    *,
+    image_size: int,
+    percentile: float = 99.0,
+    min_brain_fraction: float = 0.05,
+    register_to: str | None = None,
+    allowed_labels: Sequence[int] | None = None,
+) -> PreprocessedCase:
+    """Run the whole chain of ALGORITHM.md section 1 on one case.
+
+    Returns:
+        brain slices resized to ``image_size`` and scaled to [-1, 1], their masks (resize bilinear then > 0.5),
+        and the :class:`CaseGeometry` to invert it.
+    """
+    chain = build_chain(percentile, register_to, allowed_labels)
+    data = chain({"image": [str(p) for p in channel_paths], "label": label_path})
+    image = data["image"].as_tensor().float()
+    brain_fraction = (image != 0).any(dim=0).float().mean(dim=(0, 1))  # (Z,)
+    keep = torch.nonzero(brain_fraction >= min_brain_fraction).flatten()
+    if keep.numel() == 0:
+        raise InputError(f"{data['reference']}: no slice has brain tissue (>= {min_brain_fraction:.0%} non-zero pixels)")
+    slices = scale_slices(resize_slices(image[..., keep], image_size))
+    masks = None
+    if "label" in data:
+        masks = resize_slices(data["label"].as_tensor()[..., keep], image_size)[:, 0] > 0.5
+    reference = nib.load(str(data["reference"]))
+    geometry = CaseGeometry(
+        reference=Path(data["reference"]),
+        input_shape=tuple(int(s) for s in reference.shape[:3]),
+        input_affine=np.asarray(reference.affine, dtype=np.float64),
+        ras_shape=tuple(int(s) for s in image.shape[1:]),
+        slice_indices=keep.numpy(),
+        registration=data.get("registration"),
+    )
+    return PreprocessedCase(slices, masks, geometry)
+
+
+def slices_to_volume(values: torch.Tensor, geometry: CaseGeometry, kind: str) -> np.ndarray:
+    """Put per-slice outputs back onto the input's voxel grid (the inverse of :func:`preprocess_case`).
+
+    Args:
+        values: (N, S, S) per brain slice, in the order of ``geometry.slice_indices``.
+        geometry: from :func:`preprocess_case`.
+        kind: ``"map"`` (bilinear, float32) or ``"mask"`` (bilinear of the 0/1 mask then >= 0.5, uint8).
+
+    Returns:
+        (X, Y, Z) array on the input grid; slices without brain are zero.
+    """
+    if kind not in ("map", "mask"):
+        raise ValueError(f"kind={kind!r}; choose 'map' or 'mask'")
+    x, y, z = geometry.ras_shape
+    planes = F.interpolate(values.float()[:, None], size=(x, y), mode="bilinear", align_corners=False)[:, 0]
+    ras = torch.zeros((x, y, z), dtype=torch.float32)
+    ras[..., torch.as_tensor(geometry.slice_indices, dtype=torch.long)] = planes.permute(1, 2, 0)
+    ras_np = ras.numpy()
+    if geometry.registration is None:
+        volume = from_ras(ras_np, geometry.input_affine)
+    else:
+        volume = _unregister(ras_np, geometry)
+    if kind == "mask":
+        return (volume >= 0.5).astype(np.uint8)
+    return volume.astype(np.float32)
+
+
+def from_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder an array laid out in RAS (as MONAI's Orientation made it) back to the voxel order of ``affine``."""
+    ras_to_input = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("R", "A", "S")), nib.orientations.io_orientation(affine)
+    )
+    return nib.orientations.apply_orientation(array, ras_to_input)
+
+
+def _unregister(ras_array: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
+    """Map an array on the RAS-oriented template grid back onto the input grid with the inverse registration."""
+    import SimpleITK as sitk
+
+    reg = geometry.registration
+    template = nib.load(reg["template"])
+    on_template = from_ras(ras_array, template.affine)
+    fixed = sitk.ReadImage(reg["template"], sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(geometry.reference), sitk.sitkFloat32)
+    transform = sitk.AffineTransform(3)
+    transform.SetFixedParameters(reg["fixed_parameters"])
+    transform.SetParameters(reg["parameters"])
+    return _resample_array(on_template, fixed, moving, transform.GetInverse(), sitk.sitkLinear)

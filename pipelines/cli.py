@@ -1,0 +1,41 @@
+"""The ``anofpdm`` command: one sub-command per user verb, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from anofpdm_monai.io import InputError
+
+# verb -> (module under pipelines/, one-line help)
+VERBS = {
+    "phantom": ("phantom", "write a synthetic cohort (BraTS21 or ATLAS v2.0 layout) with ground truth"),
+    "preprocess": ("preprocess", "raw NIfTI cohort -> preprocessed slice store"),
+    "train": ("train", "train the classifier-free-guided diffusion model (torchrun for several processes)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anofpdm", description="AnoFPDM brain-MRI anomaly segmentation without pixel labels (MONAI)."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (module, help_text) in VERBS.items():
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        importlib.import_module(f"pipelines.{module}").add_arguments(verb_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(f"pipelines.{VERBS[args.verb][0]}")
+    try:
+        return int(module.run(args) or 0)
+    except (InputError, FileNotFoundError, ValueError) as err:
+        print(f"anofpdm {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""``anofpdm preprocess``: raw NIfTI cohort -> preprocessed store (ALGORITHM.md section 1)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from anofpdm_monai.config import PreprocessConfig
+from anofpdm_monai.data import assign_splits, case_done, write_case, write_manifest, write_settings
+from anofpdm_monai.io import InputError, atomic_save_dataframe
+from anofpdm_monai.transforms import preprocess_case
+from data_prep.readers import DEFAULT_MAP_CHANNELS, CaseRecord, read_cases
+
+LESION_LABELS = {"brats": (1, 2, 4), "atlas": (1,)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--input", required=True, help="raw cohort folder (or manifest CSV)")
+    parser.add_argument("-o", "--output", required=True, help="store folder to write")
+    parser.add_argument("--dataset", required=True, choices=["brats", "atlas", "nnunet", "manifest"])
+    parser.add_argument("--size", type=int, default=128, help="slice side S (paper 128; tiny preset 64)")
+    parser.add_argument("--split", default="0.75,0.05,0.20", help="train,val,test fractions by patient")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--register-to", default=None, help="template NIfTI for affine registration (SimpleITK)")
+    parser.add_argument("--map-channels", default=None, help="comma-separated channel names for the anomaly map")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--allow-skips", action="store_true", help="exit 0 even when cases were skipped")
+
+
+def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple[str, str | None]:
+    """Preprocess and store one case; return (case id, error line or None)."""
+    try:
+        case = preprocess_case(
+            list(record.channels.values()),
+            record.label,
+            image_size=config.image_size,
+            percentile=config.percentile,
+            min_brain_fraction=config.min_brain_fraction,
+            register_to=config.register_to,
+            allowed_labels=LESION_LABELS.get(config.dataset),
+        )
+        sources = {name: str(path) for name, path in record.channels.items()}
+        write_case(store, record.case_id, case, sources)
+        return record.case_id, None
+    except InputError as err:
+        return record.case_id, str(err)
+
+
+def run(args: argparse.Namespace) -> int:
+    records = read_cases(args.input, args.dataset)
+    split = tuple(float(x) for x in args.split.split(","))
+    channel_names = tuple(records[0].channels)
+    map_channels = tuple(args.map_channels.split(",")) if args.map_channels else DEFAULT_MAP_CHANNELS.get(
+        args.dataset, channel_names
+    )
+    config = PreprocessConfig(
+        image_size=args.size,
+        channel_names=channel_names,
+        map_channels=map_channels,
+        register_to=str(Path(args.register_to).resolve()) if args.register_to else None,
+        dataset=args.dataset,
+    )
+    store = Path(args.output)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        write_settings(store, config, split, args.seed)
+    except OSError as err:
+        raise InputError(f"{store}: cannot write the store ({err.strerror}); choose a writable -o folder") from err
+    todo = [r for r in records if not case_done(store, r.case_id)]
+    skipped: list[tuple[str, str]] = []
+    bar = tqdm(total=len(todo), desc="preprocess", unit="case")
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            results = (f.result() for f in [pool.submit(_process, store, r, config) for r in todo])
+            for case_id, error in results:
+                _report(case_id, error, skipped, bar)
+    else:
+        for record in todo:
+            _report(*_process(store, record, config), skipped, bar)
+    bar.close()
+    atomic_save_dataframe(pd.DataFrame(skipped, columns=["case_id", "reason"]), store / "skipped.csv")
+    done = [r.case_id for r in records if case_done(store, r.case_id)]
+    if not done:
+        raise InputError(f"{args.input}: no case could be preprocessed; see {store / 'skipped.csv'}")
+    table = write_manifest(store, assign_splits(done, split, args.seed))
+    counts = table.groupby("split")["patient"].nunique().to_dict()
+    print(
+        f"store {store}: {len(done)} patients ({counts}), {len(table)} slices, "
+        f"{int(table['label'].sum())} with lesion; {len(skipped)} skipped"
+    )
+    return 1 if skipped and not args.allow_skips else 0
+
+
+def _report(case_id: str, error: str | None, skipped: list[tuple[str, str]], bar: tqdm) -> None:
+    if error:
+        skipped.append((case_id, error))
+        tqdm.write(f"skipped {case_id}: {error}", file=sys.stderr)
+    bar.update(1)

@@ -1,0 +1,55 @@
+"""``anofpdm train``: classifier-free-guided diffusion training on a preprocessed store.
+
+Runs as one process, or under ``torchrun --nproc-per-node N`` with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from anofpdm_monai.training import TrainSettings, train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--data", required=True, help="preprocessed store (anofpdm preprocess)")
+    parser.add_argument("-o", "--output", required=True, help="model folder to write")
+    parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps in total (resume counts on)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training slices (default 1)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch, split across processes")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the weights used for inference")
+    parser.add_argument("--p-uncond", type=float, default=0.1, help="probability of replacing the label by null")
+    parser.add_argument(
+        "--max-train-timestep",
+        type=int,
+        default=None,
+        help="draw training timesteps below this (default: all T; AnoFPDM only visits t < N, so N is a valid speed-up)",
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = TrainSettings(
+        store=Path(args.data),
+        model_dir=Path(args.output),
+        preset=args.preset,
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ema=args.ema,
+        p_uncond=args.p_uncond,
+        max_train_timestep=args.max_train_timestep,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        device=args.device,
+        seed=args.seed,
+    )
+    print(f"model folder: {train(settings)}")
+    return 0
