@@ -1,0 +1,372 @@
+"""Calibration on the validation split with image-level labels only (ALGORITHM.md section 6).
+
+For every candidate guidance strength w the health threshold ``thr_01(w)`` and its accuracy are
+chosen; the selected ``w*`` is the largest w within 99 % of the best accuracy so far; ``D[m]`` is the
+largest ``dmax[m]`` of the unhealthy validation slices at ``w*``. One forward process per batch of
+validation slices evaluates the whole w grid (see :func:`anofpdm_monai.forward_process.run_forward_process`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
+from anofpdm_monai.guidance import EpsPredictor
+from anofpdm_monai.io import atomic_write_bytes
+from anofpdm_monai.networks import HEALTHY, UNHEALTHY
+from anofpdm_monai.segmentation import health_similarity
+
+THRESHOLD_QUANTILES = np.linspace(0.005, 0.095, 100)
+ACCURACY_FRACTION = 0.99
+CURVES_PER_CLASS = 3
+
+
+@dataclass
+class Calibration:
+    """Calibrated settings of a trained model, saved as ``calibration.json`` beside the weights.
+
+    Attributes:
+        w: selected guidance strength w*.
+        thr_01: health threshold at w* (a slice is unhealthy iff sim <= thr_01).
+        D: per map channel, the largest dmax over unhealthy validation slices at w*.
+        steps: forward-step budget N used.
+        stride: visited-step stride k used.
+        encoding: ``"ddim"`` or ``"ddpm"``.
+        map_channels: map channel names if known, else their indices.
+        map_channel_indices: indices of the map channels into the input channels.
+        w_grid: candidate strengths, ascending.
+        accuracy: validation accuracy per candidate w.
+        thresholds: thr_01 per candidate w.
+        n_val: number of validation slices.
+        n_val_healthy: of which labelled healthy.
+        n_val_unhealthy: of which labelled unhealthy.
+        include_end_step: aggregated-map convention used (see the forward-process engine).
+        inversion: DDIM inversion variant used (``"reference"`` or ``"monai"``).
+    """
+
+    w: float
+    thr_01: float
+    D: list[float]
+    steps: int
+    stride: int
+    encoding: str
+    map_channels: list[str | int]
+    map_channel_indices: list[int]
+    w_grid: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=list)
+    n_val: int = 0
+    n_val_healthy: int = 0
+    n_val_unhealthy: int = 0
+    include_end_step: bool = True
+    inversion: str = "reference"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the calibration as JSON, atomically (temporary file, then rename)."""
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist (the message says how to create it).
+            ValueError: if the file is not a valid calibration.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no calibration; run `anofpdm calibrate -m MODEL_DIR -d PREP` to create it"
+            )
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a valid anofpdm calibration ({err})") from err
+
+
+@dataclass
+class DivergenceCurve:
+    """The divergence curve of one validation slice at w*, for the calibration plot.
+
+    Attributes:
+        index: position of the slice in the validation set.
+        label: image-level label (HEALTHY or UNHEALTHY).
+        timesteps: (K,) visited timesteps.
+        divergence: (K, M) divergence d per visited step and map channel.
+        end_step: (M,) end step t_e per map channel, as a timestep.
+    """
+
+    index: int
+    label: int
+    timesteps: list[int]
+    divergence: list[list[float]]
+    end_step: list[int]
+
+
+def select_threshold_01(sim_healthy: Sequence[float], sim_unhealthy: Sequence[float]) -> tuple[float, float]:
+    """Health threshold of ALGORITHM.md section 6.
+
+    Candidates are the quantiles q in ``linspace(0.005, 0.095, 100)`` of the healthy similarities;
+    the chosen one minimises ``#(unhealthy with sim > thr) + #(healthy with sim < thr)``, ties going
+    to the first (smallest q). The accuracy uses the decision rule "unhealthy iff sim <= thr".
+
+    Args:
+        sim_healthy: (V_h,) similarities of slices labelled healthy.
+        sim_unhealthy: (V_u,) similarities of slices labelled unhealthy.
+
+    Returns:
+        ``(thr_01, accuracy)``.
+    """
+    healthy = np.asarray(sim_healthy, dtype=np.float64).ravel()
+    unhealthy = np.asarray(sim_unhealthy, dtype=np.float64).ravel()
+    _check_both_classes(healthy.size, unhealthy.size)
+    candidates = np.quantile(healthy, THRESHOLD_QUANTILES)
+    errors = (unhealthy[None, :] > candidates[:, None]).sum(1) + (healthy[None, :] < candidates[:, None]).sum(1)
+    thr = float(candidates[int(np.argmin(errors))])
+    correct = (healthy > thr).sum() + (unhealthy <= thr).sum()
+    return thr, float(correct / (healthy.size + unhealthy.size))
+
+
+def select_guidance(w_grid: Sequence[float], accuracies: Sequence[float]) -> float:
+    """Selected guidance strength of ALGORITHM.md section 6.
+
+    The largest w whose accuracy is at least 99 % of the best accuracy among all candidates up to
+    and including it (candidates taken in ascending w; an unsorted grid is sorted with its accuracies).
+
+    Args:
+        w_grid: (G,) candidate strengths, distinct.
+        accuracies: (G,) accuracy per candidate.
+
+    Returns:
+        w*.
+    """
+    if len(w_grid) == 0:
+        raise ValueError("w_grid is empty: give at least one guidance strength")
+    if len(w_grid) != len(accuracies):
+        raise ValueError(f"w_grid ({len(w_grid)} values) and accuracies ({len(accuracies)}) must have the same length")
+    if len(set(float(w) for w in w_grid)) != len(w_grid):
+        raise ValueError(f"w_grid {list(w_grid)} holds duplicates")
+    selected = None
+    best = -math.inf
+    for w, acc in sorted(zip(map(float, w_grid), map(float, accuracies))):
+        best = max(best, acc)
+        if acc >= ACCURACY_FRACTION * best:
+            selected = w
+    return selected
+
+
+def _check_both_classes(n_healthy: int, n_unhealthy: int) -> None:
+    """Raise a ValueError naming the missing class of validation slices."""
+    missing = [name for name, n in (("healthy", n_healthy), ("unhealthy", n_unhealthy)) if n == 0]
+    if missing:
+        raise ValueError(
+            f"the validation set has no {' and no '.join(missing)} slices; calibration needs both classes "
+            "(use a larger --n-val)"
+        )
+
+
+def _check_calibration_inputs(
+    slices: torch.Tensor, labels: torch.Tensor, w_grid: Sequence[float], batch_size: int
+) -> None:
+    """Raise a ValueError naming the first invalid input of :func:`calibrate`."""
+    if len(w_grid) == 0:
+        raise ValueError("w_grid is empty: give at least one guidance strength")
+    if len(set(float(w) for w in w_grid)) != len(w_grid):
+        raise ValueError(f"w_grid {list(w_grid)} holds duplicates")
+    if slices.ndim != 4:
+        raise ValueError(f"slices must have shape (V, C, S, S), got {tuple(slices.shape)}")
+    if labels.shape != (slices.shape[0],):
+        raise ValueError(f"labels must have shape ({slices.shape[0]},) (one per slice), got {tuple(labels.shape)}")
+    if not bool(((labels == HEALTHY) | (labels == UNHEALTHY)).all()):
+        raise ValueError(f"labels must be HEALTHY ({HEALTHY}) or UNHEALTHY ({UNHEALTHY})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    _check_both_classes(int((labels == HEALTHY).sum()), int((labels == UNHEALTHY).sum()))
+
+
+def calibrate(
+    predict_eps: EpsPredictor,
+    alphas_cumprod: torch.Tensor,
+    slices: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    w_grid: Sequence[float],
+    steps: int = 600,
+    stride: int = 1,
+    encoding: str = "ddim",
+    map_channels: Sequence[int] = (0,),
+    map_channel_names: Sequence[str] | None = None,
+    batch_size: int = 16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    include_end_step: bool = True,
+    inversion: str = "reference",
+) -> tuple[Calibration, list[DivergenceCurve]]:
+    """Calibrate w*, thr_01 and D on validation slices (ALGORITHM.md section 6).
+
+    Runs the forward-process engine once per batch with the whole ``w_grid``, collecting per w and
+    slice the health similarity and dmax.
+
+    Args:
+        predict_eps: noise predictor ``(x (N, C, S, S), t (N,), labels (N,)) -> (N, C, S, S)``.
+        alphas_cumprod: (T,) the training schedule's cumulative alpha products.
+        slices: (V, C, S, S) validation slices in [-1, 1].
+        labels: (V,) image-level labels, HEALTHY or UNHEALTHY; both must occur.
+        w_grid: candidate guidance strengths (sorted ascending internally).
+        steps: forward-step budget N.
+        stride: visited-step stride k.
+        encoding: ``"ddim"`` or ``"ddpm"``.
+        map_channels: map channel indices in [0, C).
+        map_channel_names: their names, stored in the calibration if given.
+        batch_size: slices per forward process.
+        generator: random source on the compute device.
+        device: where to run (default: ``slices.device``).
+        progress: show a progress bar over batches.
+        include_end_step: aggregated-map convention (see the engine).
+        inversion: DDIM inversion variant (see the engine).
+
+    Returns:
+        ``(calibration, curves)``: the :class:`Calibration` and the divergence curves at w* of up to
+        three healthy and three unhealthy slices (the first of each class).
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    _check_calibration_inputs(slices, labels, w_grid, batch_size)
+    if map_channel_names is not None and len(map_channel_names) != len(map_channels):
+        raise ValueError(
+            f"map_channel_names {list(map_channel_names)} must name each of the map channels {list(map_channels)}"
+        )
+    grid = sorted(float(w) for w in w_grid)
+    device = slices.device if device is None else torch.device(device)
+
+    sims, dmaxes, kept = [], [], {}
+    starts = range(0, slices.shape[0], batch_size)
+    for start in tqdm(starts, desc="calibration", disable=not progress):
+        batch = slices[start : start + batch_size].to(device)
+        result = run_forward_process(
+            predict_eps, batch, alphas_cumprod, guidance_scales=grid, steps=steps, stride=stride,
+            encoding=encoding, map_channels=map_channels, include_end_step=include_end_step,
+            inversion=inversion, generator=generator,
+        )  # fmt: skip
+        sims.append(health_similarity(result.mse_h, result.mse_u).cpu())  # (G, b)
+        dmaxes.append(result.dmax.cpu())  # (G, b, M)
+        _keep_curves(kept, result, labels, start)
+    sim = torch.cat(sims, dim=1)
+    dmax = torch.cat(dmaxes, dim=1)
+
+    healthy, unhealthy = labels == HEALTHY, labels == UNHEALTHY
+    selections = [select_threshold_01(s[healthy].numpy(), s[unhealthy].numpy()) for s in sim]
+    thresholds = [thr for thr, _ in selections]
+    accuracy = [acc for _, acc in selections]
+    w_star = select_guidance(grid, accuracy)
+    g = grid.index(w_star)
+    calibration = Calibration(
+        w=w_star,
+        thr_01=thresholds[g],
+        D=dmax[g][unhealthy].amax(dim=0).tolist(),
+        steps=steps,
+        stride=stride,
+        encoding=encoding,
+        map_channels=list(map_channel_names) if map_channel_names is not None else [int(m) for m in map_channels],
+        map_channel_indices=[int(m) for m in map_channels],
+        w_grid=grid,
+        accuracy=accuracy,
+        thresholds=thresholds,
+        n_val=int(labels.numel()),
+        n_val_healthy=int(healthy.sum()),
+        n_val_unhealthy=int(unhealthy.sum()),
+        include_end_step=include_end_step,
+        inversion=inversion,
+    )
+    curves = [_curve_at(index, kept[index], g) for index in sorted(kept)]
+    return calibration, curves
+
+
+def _keep_curves(
+    kept: dict[int, dict[str, Any]], result: ForwardProcessResult, labels: torch.Tensor, start: int
+) -> None:
+    """Store (all w) the divergence curves of the first CURVES_PER_CLASS slices of each class."""
+    for b in range(result.dmax.shape[1]):
+        index = start + b
+        label = int(labels[index])
+        if sum(1 for item in kept.values() if item["label"] == label) >= CURVES_PER_CLASS:
+            continue
+        kept[index] = {
+            "label": label,
+            "timesteps": result.timesteps.tolist(),
+            "divergence": result.divergence[:, b].cpu(),  # (G, K, M)
+            "end_step": result.end_step[:, b].cpu(),  # (G, M)
+        }
+
+
+def _curve_at(index: int, item: dict[str, Any], g: int) -> DivergenceCurve:
+    """The kept curve of slice ``index`` at guidance index ``g``."""
+    return DivergenceCurve(
+        index=index,
+        label=item["label"],
+        timesteps=item["timesteps"],
+        divergence=item["divergence"][g].tolist(),
+        end_step=item["end_step"][g].tolist(),
+    )
+
+
+def plot_calibration(calibration: Calibration, curves: Sequence[DivergenceCurve], path: str | Path) -> None:
+    """Write a PNG: accuracy against w with w* marked (left); divergence curves with t_e marked (right).
+
+    The right panel shows, per kept slice, d(t) averaged over map channels, healthy in blue and
+    unhealthy in red, with each map channel's end step t_e marked on the curve.
+
+    Args:
+        calibration: result of :func:`calibrate`.
+        curves: the curves returned by :func:`calibrate`.
+        path: output PNG path (written atomically).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    left.plot(calibration.w_grid, calibration.accuracy, "o-", color="black")
+    left.axvline(calibration.w, color="green", linestyle="--", label=f"w* = {calibration.w:g}")
+    left.set_xlabel("guidance strength w")
+    left.set_ylabel("validation accuracy (health)")
+    left.legend()
+    colours = {HEALTHY: "tab:blue", UNHEALTHY: "tab:red"}
+    names = {HEALTHY: "healthy", UNHEALTHY: "unhealthy"}
+    labelled = set()
+    for curve in curves:
+        mean_d = np.asarray(curve.divergence, dtype=np.float64).mean(axis=1)
+        timesteps = np.asarray(curve.timesteps)
+        name = names[curve.label] if curve.label not in labelled else None
+        labelled.add(curve.label)
+        right.plot(timesteps, mean_d, color=colours[curve.label], label=name)
+        marks = np.searchsorted(timesteps, curve.end_step)
+        right.plot(timesteps[marks], mean_d[marks], "x", color=colours[curve.label], markersize=8)
+    right.set_xlabel("timestep t")
+    right.set_ylabel("divergence d (mean over map channels)")
+    right.set_title("d(t) at w* (x: end step t_e)")
+    if curves:
+        right.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,252 @@
+"""Per-slice decisions of AnoFPDM (ALGORITHM.md section 5); no pixel labels anywhere.
+
+Shapes: B slices, K visited timesteps, M map channels, S x S pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from anofpdm_monai.forward_process import ForwardProcessResult
+
+if TYPE_CHECKING:
+    from anofpdm_monai.calibration import Calibration
+
+SETUPS = ("mixed", "unhealthy")
+VARIANTS = ("aggregated", "last")
+MEDIAN_KERNEL = 5
+REFERENCE_MIN_AREA = 40
+REFERENCE_SIZE = 128
+
+
+def health_similarity(mse_h: torch.Tensor, mse_u: torch.Tensor) -> torch.Tensor:
+    """Health-classification score of ALGORITHM.md section 5 (paper 4.2).
+
+    Cosine similarity, over the visited steps, between ``mean_m mse_h[., m]`` and ``mean_m mse_u[., m]``.
+    A zero vector gives similarity 0 (``torch.nn.functional.cosine_similarity`` with eps 1e-8).
+
+    Args:
+        mse_h: (..., K, M) HGP errors (eq. 16), e.g. (B, K, M) or (G, B, K, M).
+        mse_u: (..., K, M) UGP errors (eq. 17).
+
+    Returns:
+        (...) similarity in [-1, 1] (in [0, 1] for non-negative errors), e.g. (B,).
+    """
+    return F.cosine_similarity(mse_h.mean(dim=-1), mse_u.mean(dim=-1), dim=-1, eps=1e-8)
+
+
+def predict_unhealthy(sim: torch.Tensor, thr_01: float) -> torch.Tensor:
+    """Health decision of ALGORITHM.md section 5: a slice is unhealthy iff ``sim <= thr_01``.
+
+    Args:
+        sim: (B,) similarities from :func:`health_similarity`.
+        thr_01: calibrated threshold (section 6).
+
+    Returns:
+        (B,) bool, True for predicted unhealthy.
+    """
+    return sim <= thr_01
+
+
+def median_filter(image: torch.Tensor, kernel_size: int = MEDIAN_KERNEL) -> torch.Tensor:
+    """Median filter over the last two axes with ZERO padding (``scipy.ndimage.median_filter(mode="constant")``).
+
+    Zero padding treats the outside of the slice as "no anomaly", which is what an anomaly map's
+    background is.
+
+    Args:
+        image: (B, S, S) maps.
+        kernel_size: odd window side.
+
+    Returns:
+        (B, S, S) filtered maps.
+    """
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size={kernel_size} must be an odd positive integer")
+    batch, height, width = image.shape
+    patches = F.unfold(image[:, None], kernel_size=kernel_size, padding=kernel_size // 2)  # (B, k*k, S*S)
+    return patches.median(dim=1).values.view(batch, height, width)
+
+
+def anomaly_map(per_channel_map: torch.Tensor) -> torch.Tensor:
+    """Slice anomaly map of ALGORITHM.md section 5 (after eq. 20): channel mean, then a 5 x 5 median filter.
+
+    The median filter zero-pads the borders (see :func:`median_filter`).
+
+    Args:
+        per_channel_map: (B, M, S, S) per-channel maps (aggregated maps AAM, or SAM at t_e).
+
+    Returns:
+        (B, S, S) anomaly maps.
+    """
+    return median_filter(per_channel_map.mean(dim=1), MEDIAN_KERNEL)
+
+
+def rowwise_quantile(values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Quantile ``q[i]`` of row ``values[i]`` with linear interpolation (as ``torch.quantile``'s default).
+
+    Args:
+        values: (N, P) rows.
+        q: (N,) quantiles in [0, 1].
+
+    Returns:
+        (N,) the quantiles.
+    """
+    ordered = values.sort(dim=-1).values
+    position = q.to(values.dtype).clamp(0, 1) * (values.shape[-1] - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    v_low = ordered.gather(-1, low[:, None])[:, 0]
+    v_high = ordered.gather(-1, high[:, None])[:, 0]
+    return v_low + (v_high - v_low) * (position - low.to(values.dtype))
+
+
+def dynamic_threshold(
+    per_channel_map: torch.Tensor, dmax: torch.Tensor, D: torch.Tensor | list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic threshold of ALGORITHM.md section 5 (paper Algorithm 1).
+
+    ``r[m] = round(clamp(dmax[m] / D[m], 0, 1), 2)``, ``q[m] = 0.98 - 0.08 * r[m]`` and
+    ``thr = mean_m quantile(AAM[m], q[m])`` over the slice's S x S pixels.
+
+    Args:
+        per_channel_map: (B, M, S, S) per-channel aggregated maps AAM[m].
+        dmax: (B, M) maximum divergence per map channel.
+        D: (M,) calibrated divergence scale per map channel, each > 0 (section 6).
+
+    Returns:
+        ``(quantile, threshold)``: (B, M) quantile levels q and (B,) thresholds.
+    """
+    batch, channels = per_channel_map.shape[:2]
+    D = torch.as_tensor(D, dtype=per_channel_map.dtype, device=per_channel_map.device)
+    if D.shape != (channels,) or not bool((D > 0).all()):
+        raise ValueError(f"D must hold {channels} positive values (one per map channel), got {D.tolist()}")
+    ratio = (dmax.to(per_channel_map.dtype) / D).clamp(0, 1)
+    ratio = torch.round(ratio * 100) / 100
+    quantile = 0.98 - 0.08 * ratio
+    per_channel = rowwise_quantile(per_channel_map.reshape(batch * channels, -1), quantile.reshape(-1))
+    return quantile, per_channel.view(batch, channels).mean(dim=1)
+
+
+def min_component_area(image_size: int) -> int:
+    """Largest area removed by post-processing: 40 pixels at S = 128, scaled with S^2, at least 1."""
+    return max(1, round(REFERENCE_MIN_AREA * (image_size / REFERENCE_SIZE) ** 2))
+
+
+def remove_small_components(mask: torch.Tensor, max_area: int) -> torch.Tensor:
+    """Post-processing of ALGORITHM.md section 5: drop 8-connected components of area <= ``max_area``.
+
+    Connectivity is 8 (diagonal neighbours connect), per 2-D slice; computed on the CPU with
+    ``scipy.ndimage.label``.
+
+    Args:
+        mask: (..., S, S) bool masks.
+        max_area: components with at most this many pixels are removed (0 removes nothing).
+
+    Returns:
+        Bool masks of the same shape and device.
+    """
+    if max_area < 0:
+        raise ValueError(f"max_area={max_area} must be >= 0")
+    array = mask.detach().to("cpu", torch.bool).numpy().reshape(-1, *mask.shape[-2:])
+    kept = np.zeros_like(array)
+    structure = np.ones((3, 3), dtype=bool)
+    for i, plane in enumerate(array):
+        labels, count = ndimage.label(plane, structure=structure)
+        if count == 0:
+            continue
+        areas = np.bincount(labels.ravel())
+        large = areas > max_area
+        large[0] = False
+        kept[i] = large[labels]
+    return torch.from_numpy(kept.reshape(mask.shape)).to(mask.device)
+
+
+@dataclass
+class SegmentationResult:
+    """Per-slice outputs of :func:`segment` (B slices, M map channels, S x S pixels).
+
+    Attributes:
+        maps: (B, S, S) anomaly maps (median-filtered mean over map channels).
+        masks: (B, S, S) bool predicted lesion masks after post-processing.
+        predicted_unhealthy: (B,) bool health decision.
+        sim: (B,) health similarity.
+        end_step: (B, M) long end step t_e as a timestep.
+        dmax: (B, M) maximum divergence.
+        quantile: (B, M) quantile levels of the dynamic threshold.
+        threshold: (B,) dynamic thresholds.
+    """
+
+    maps: torch.Tensor
+    masks: torch.Tensor
+    predicted_unhealthy: torch.Tensor
+    sim: torch.Tensor
+    end_step: torch.Tensor
+    dmax: torch.Tensor
+    quantile: torch.Tensor
+    threshold: torch.Tensor
+
+
+def segment(
+    result: ForwardProcessResult,
+    calibration: Calibration,
+    *,
+    setup: str = "mixed",
+    variant: str = "aggregated",
+    min_area: int | None = None,
+) -> SegmentationResult:
+    """Masks and maps from one forward process (ALGORITHM.md section 5).
+
+    Health decision from ``calibration.thr_01``; anomaly map from the per-channel aggregated maps
+    (``variant="aggregated"``, eq. 20) or the SAM at t_e only (``variant="last"``); mask =
+    ``map >= thr`` with the dynamic threshold from ``calibration.D``; components of area <=
+    ``min_area`` removed. In the ``"mixed"`` setup a slice predicted healthy gets an all-zero mask;
+    in the ``"unhealthy"`` setup the mask is kept whatever the classification.
+
+    Args:
+        result: forward-process result for ONE guidance strength (G = 1; use ``result.select(g)``),
+            normally the calibrated ``calibration.w``.
+        calibration: provides ``thr_01`` and ``D`` (one value per map channel).
+        setup: ``"mixed"`` or ``"unhealthy"``.
+        variant: ``"aggregated"`` or ``"last"``.
+        min_area: largest component area removed; None uses :func:`min_component_area` of S.
+
+    Returns:
+        A :class:`SegmentationResult`.
+    """
+    if result.guidance_scales.shape[0] != 1:
+        raise ValueError(
+            f"result must hold one guidance strength (G = 1), got G = {result.guidance_scales.shape[0]}; "
+            "use result.select(g)"
+        )
+    if setup not in SETUPS:
+        raise ValueError(f"setup={setup!r} must be one of {SETUPS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
+    per_channel = (result.aggregated_map if variant == "aggregated" else result.last_map)[0]
+    dmax = result.dmax[0]
+    sim = health_similarity(result.mse_h[0], result.mse_u[0])
+    unhealthy = predict_unhealthy(sim, calibration.thr_01)
+    maps = anomaly_map(per_channel)
+    quantile, threshold = dynamic_threshold(per_channel, dmax, calibration.D)
+    masks = maps >= threshold[:, None, None]
+    area = min_component_area(maps.shape[-1]) if min_area is None else min_area
+    masks = remove_small_components(masks, area)
+    if setup == "mixed":
+        masks = masks & unhealthy[:, None, None]
+    return SegmentationResult(
+        maps=maps,
+        masks=masks,
+        predicted_unhealthy=unhealthy,
+        sim=sim,
+        end_step=result.end_step[0],
+        dmax=dmax,
+        quantile=quantile,
+        threshold=threshold,
+    )

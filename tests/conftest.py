@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny phantom cohorts, stores and models, built once per test session."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.phantom import generate_cohort
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def brats_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four BraTS-layout phantom cases, one of them healthy."""
+    root = tmp_path_factory.mktemp("brats_raw")
+    generate_cohort(root, "brats", cases=4, healthy_fraction=0.25, seed=123, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def brats_store(brats_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cohort above preprocessed at 64 px (the tiny preset's size)."""
+    from pipelines import preprocess
+
+    store = tmp_path_factory.mktemp("brats_store")
+    args = argparse.Namespace(
+        input=str(brats_cohort), output=str(store), dataset="brats", size=64, split="0.5,0.25,0.25", seed=0,
+        register_to=None, map_channels=None, workers=1, allow_skips=False,
+    )
+    assert preprocess.run(args) == 0
+    return store
