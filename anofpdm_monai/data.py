@@ -145,7 +145,7 @@ class PreprocessedStore:
         return (
             torch.from_numpy(np.stack(images).astype(np.float32)),
             torch.from_numpy(np.stack(masks).astype(bool)),
-            torch.as_tensor(rows["label"].to_numpy(), dtype=torch.long),
+            torch.tensor(rows["label"].to_numpy(), dtype=torch.long),  # copies: pandas may hand out a read-only array
         )
 
 

@@ -75,12 +75,12 @@ class LoadCased(MapTransform):
                 first = (path, image)
             else:
                 _check_same_grid(first, (path, image))
+            if not np.any(array):  # checked per file so that the message names the empty channel
+                raise InputError(f"{path}: every voxel is zero; this volume holds no image")
             arrays.append(array)
         ref_path, ref_image = first
         affine = torch.as_tensor(ref_image.affine, dtype=torch.float64)
         stacked = np.stack(arrays)
-        if not np.any(stacked):
-            raise InputError(f"{ref_path}: every voxel is zero; this volume holds no image")
         d["image"] = MetaTensor(torch.from_numpy(stacked), affine=affine)
         d["reference"] = ref_path
         if d.get("label") is not None:
@@ -268,7 +268,13 @@ def preprocess_case(
         and the :class:`CaseGeometry` to invert it.
     """
     chain = build_chain(percentile, register_to, allowed_labels)
-    data = chain({"image": [str(p) for p in channel_paths], "label": label_path})
+    try:
+        data = chain({"image": [str(p) for p in channel_paths], "label": label_path})
+    except RuntimeError as err:  # MONAI's Compose wraps every error in "applying transform ..."
+        cause = _input_error_cause(err)
+        if cause is None:
+            raise
+        raise cause from None
     image = data["image"].as_tensor().float()
     brain_fraction = (image != 0).any(dim=0).float().mean(dim=(0, 1))  # (Z,)
     keep = torch.nonzero(brain_fraction >= min_brain_fraction).flatten()
@@ -288,6 +294,14 @@ def preprocess_case(
         registration=data.get("registration"),
     )
     return PreprocessedCase(slices, masks, geometry)
+
+
+def _input_error_cause(err: BaseException) -> InputError | None:
+    """The :class:`InputError` behind a MONAI-wrapped exception, if there is one."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, InputError):
+        cause = cause.__cause__
+    return cause
 
 
 def slices_to_volume(values: torch.Tensor, geometry: CaseGeometry, kind: str) -> np.ndarray:

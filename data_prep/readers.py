@@ -41,7 +41,7 @@ def read_brats(root: str | Path) -> list[CaseRecord]:
     """Cases of a BraTS21 folder; a case folder lacking a channel file still yields a record (checked at load)."""
     root = Path(root)
     records = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and any(p.glob("*_flair.nii*"))):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and _is_brats_case(p)):
         case = folder.name
         channels = {c: _first(folder, f"{case}_{c}.nii") for c in BRATS_CHANNELS}
         seg = _first(folder, f"{case}_seg.nii")
@@ -49,6 +49,11 @@ def read_brats(root: str | Path) -> list[CaseRecord]:
     if not records:
         raise InputError(f"{root}: no BraTS21 case folders found; {_describe(root)}")
     return records
+
+
+def _is_brats_case(folder: Path) -> bool:
+    """A folder holding any ``<folder>_{flair,t1,t1ce,t2,seg}.nii[.gz]`` (so a case missing one channel is kept and reported)."""
+    return any((folder / f"{folder.name}_{c}.nii{gz}").exists() for c in (*BRATS_CHANNELS, "seg") for gz in ("", ".gz"))
 
 
 def read_atlas(root: str | Path) -> list[CaseRecord]:
@@ -88,6 +93,8 @@ def read_nnunet(root: str | Path) -> list[CaseRecord]:
 def read_manifest(csv_path: str | Path) -> list[CaseRecord]:
     """Cases of a manifest CSV: ``case_id``, one column per channel (in order), optional ``mask``."""
     csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        raise InputError(f"{csv_path}: --dataset manifest expects a CSV file, not a folder; {_describe(csv_path)}")
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: manifest CSV not found; give a CSV with columns case_id,<channel>...,[mask]")
     table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -171,3 +178,39 @@ def _nnunet_channel_names(root: Path, count: int) -> tuple[str, ...]:
             if len(names) >= count:
                 return tuple(str(names[str(i)]).lower() for i in range(count))
     return tuple(f"ch{i:04d}" for i in range(count))
+
+
+def records_for_inference(inputs: list[str | Path]) -> list[CaseRecord]:
+    """Turn ``anofpdm segment -i`` arguments into cases.
+
+    Accepted: a BraTS case folder; an ATLAS ``*_T1w.nii.gz`` file; one or more nnU-Net
+    ``CASE_XXXX.nii.gz`` files (grouped by case); a folder of cases of one of the dataset layouts;
+    or any other single NIfTI file (a one-channel case named after the file).
+    """
+    paths = [Path(p) for p in inputs]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"{missing[0]}: input not found")
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        if any(folder.glob(f"{folder.name}_flair.nii*")):
+            return [r for r in read_brats(folder.parent) if r.case_id == folder.name]
+        layout = detect_layout(folder)
+        if layout is None:
+            raise InputError(f"{folder}: no cases found; {_describe(folder)}")
+        return READERS[layout](folder)
+    records: dict[str, CaseRecord] = {}
+    for path in paths:
+        match = NNUNET_FILE.match(path.name)
+        if path.name.endswith(ATLAS_SUFFIX):
+            mask = path.with_name(path.name[: -len(ATLAS_SUFFIX)] + ATLAS_MASK_SUFFIX)
+            records[path.name.split("_")[0]] = CaseRecord(path.name.split("_")[0], {"t1": path}, mask if mask.exists() else None)
+        elif match:
+            record = records.setdefault(match["case"], CaseRecord(match["case"], {}))
+            record.channels[f"ch{int(match['channel']):04d}"] = path
+        else:
+            case_id = path.name.split(".nii")[0]
+            records[case_id] = CaseRecord(case_id, {"image": path})
+    for record in records.values():
+        record.channels = dict(sorted(record.channels.items()))
+    return list(records.values())

@@ -13,6 +13,9 @@ VERBS = {
     "phantom": ("phantom", "write a synthetic cohort (BraTS21 or ATLAS v2.0 layout) with ground truth"),
     "preprocess": ("preprocess", "raw NIfTI cohort -> preprocessed slice store"),
     "train": ("train", "train the classifier-free-guided diffusion model (torchrun for several processes)"),
+    "segment": ("segment", "segment patient volumes: NIfTI in, mask + anomaly-map NIfTI out on the input grid"),
+    "evaluate": ("evaluate", "evaluate methods on a test cohort: per-slice/per-case tables and Table 1"),
+    "calibrate": ("calibrate", "choose guidance w, health threshold and D on validation slices (image labels only)"),
 }
 
 

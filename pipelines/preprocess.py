@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -52,8 +55,8 @@ def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple
 
 
 def run(args: argparse.Namespace) -> int:
+    split = _parse_split(args.split)
     records = read_cases(args.input, args.dataset)
-    split = tuple(float(x) for x in args.split.split(","))
     channel_names = tuple(records[0].channels)
     map_channels = tuple(args.map_channels.split(",")) if args.map_channels else DEFAULT_MAP_CHANNELS.get(
         args.dataset, channel_names
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
     )
     store = Path(args.output)
+    _check_same_settings(store, config)
     try:
         store.mkdir(parents=True, exist_ok=True)
         write_settings(store, config, split, args.seed)
@@ -75,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), desc="preprocess", unit="case")
     if args.workers > 1:
-        with ProcessPoolExecutor(args.workers) as pool:
+        # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in its thread pool.
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = (f.result() for f in [pool.submit(_process, store, r, config) for r in todo])
             for case_id, error in results:
                 _report(case_id, error, skipped, bar)
@@ -94,6 +99,35 @@ def run(args: argparse.Namespace) -> int:
         f"{int(table['label'].sum())} with lesion; {len(skipped)} skipped"
     )
     return 1 if skipped and not args.allow_skips else 0
+
+
+def _parse_split(text: str) -> tuple[float, float, float]:
+    """``--split`` as three fractions, checked before any case is processed."""
+    try:
+        split = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"--split {text!r}: give three fractions train,val,test summing to 1, e.g. 0.75,0.05,0.20") from None
+    assign_splits([], split, 0)  # raises a ValueError naming --split when the fractions are wrong
+    return split
+
+
+def _check_same_settings(store: Path, config: PreprocessConfig) -> None:
+    """Refuse to resume a store made with other preprocessing settings (finished cases would be kept as they are)."""
+    settings = store / "settings.json"
+    if not settings.is_file():
+        return
+    try:
+        before = json.loads(settings.read_text())["preprocess"]
+    except (ValueError, KeyError, TypeError):
+        return
+    now = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in now if k in before and before[k] != now[k])
+    if changed:
+        detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise InputError(
+            f"{store}: this store was preprocessed with other settings ({detail}); "
+            "give a new -o folder, or delete this one to redo it"
+        )
 
 
 def _report(case_id: str, error: str | None, skipped: list[tuple[str, str]], bar: tqdm) -> None:

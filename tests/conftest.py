@@ -33,3 +33,19 @@ def brats_store(brats_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     )
     assert preprocess.run(args) == 0
     return store
+
+
+@pytest.fixture(scope="session")
+def tiny_model(brats_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-preset model folder trained for a few steps on ``brats_store``, with a quick calibration.
+
+    Its outputs are not meaningful segmentations; it exercises every file and code path.
+    """
+    from pipelines.cli import main
+
+    model = tmp_path_factory.mktemp("tiny_model") / "model"
+    assert main(["train", "-d", str(brats_store), "-o", str(model), "--steps", "3", "--batch-size", "4",
+                 "--checkpoint-every", "3", "--device", "cpu"]) == 0  # fmt: skip
+    assert main(["calibrate", "-m", str(model), "-d", str(brats_store), "--n-val", "12", "--steps", "40",
+                 "--stride", "20", "--w-grid", "1,2", "--batch-size", "12", "--device", "cpu"]) == 0  # fmt: skip
+    return model

@@ -1,0 +1,302 @@
+"""Cohort evaluation (ALGORITHM.md section 7): per-slice and per-case tables and the Table-1 summary.
+
+Each case is evaluated once and its outputs saved as ``RESULTS/cases/<case>.npz`` (written
+atomically, the marker for ``--continue``); the tables and the summary are merged from those
+files, so an interrupted or sharded run gives the same tables as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
+from anofpdm_monai.data import PreprocessedStore
+from anofpdm_monai.inferers import ANOFPDM_METHODS, SliceInferer, VolumeInferer, load_calibration
+from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_write_bytes, atomic_write_text
+from anofpdm_monai.metrics import (
+    PooledAUPRC,
+    brain_foreground,
+    dice_iou_per_slice,
+    merge_auprc,
+    summarise_slices,
+    summary_markdown,
+    volume_dice,
+)
+from anofpdm_monai.networks import HEALTHY, UNHEALTHY
+from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
+from data_prep.readers import detect_layout, read_cases
+
+BASELINES = ("ddib", "threshold")
+ALL_METHODS = (*ANOFPDM_METHODS, *BASELINES)
+DEFAULT_METHODS = ALL_METHODS
+
+
+@dataclass
+class EvalCase:
+    """One test case as the model sees it: slices (N, C, S, S), masks (N, S, S), and where it came from."""
+
+    case_id: str
+    images: torch.Tensor
+    masks: torch.Tensor
+    slice_indices: np.ndarray
+    geometry: CaseGeometry | None = None
+    label_path: Path | None = None
+
+
+class Cohort:
+    """The cases of a preprocessed store split, or of a raw cohort preprocessed with the model's chain."""
+
+    def __init__(self, source: str | Path, inferer: VolumeInferer, split: str = "test") -> None:
+        self.source = Path(source)
+        self.inferer = inferer
+        if (self.source / "manifest.csv").is_file():
+            self.store: PreprocessedStore | None = PreprocessedStore(self.source)
+            cfg, model_cfg = self.store.config, inferer.config.preprocess
+            if cfg.channel_names != model_cfg.channel_names or cfg.image_size != model_cfg.image_size:
+                raise InputError(
+                    f"{self.source}: store channels {cfg.channel_names} at {cfg.image_size}px do not fit the model "
+                    f"({model_cfg.channel_names} at {model_cfg.image_size}px)"
+                )
+            rows = self.store.rows(split)
+            if rows.empty:
+                raise InputError(f"{self.source}: the '{split}' split is empty; choose --split train|val|test")
+            self.case_ids = sorted(rows["patient"].unique().tolist())
+            self.rows = rows
+        else:
+            layout = detect_layout(self.source)
+            if layout is None:
+                raise InputError(f"{self.source}: neither a preprocessed store nor a known raw cohort layout")
+            self.store = None
+            self.records = {r.case_id: r for r in read_cases(self.source, layout)}
+            self.case_ids = sorted(self.records)
+
+    def load(self, case_id: str) -> EvalCase:
+        if self.store is not None:
+            rows = self.rows[self.rows["patient"] == case_id]
+            images, masks, _ = self.store.load_slices(rows)
+            return EvalCase(case_id, images, masks, rows["slice"].to_numpy())
+        record = self.records[case_id]
+        if record.label is None:
+            raise InputError(f"{case_id}: no lesion file; evaluation needs ground truth")
+        case = self.inferer.preprocess(list(record.channels.values()), record.label)
+        return EvalCase(case_id, case.images, case.masks, case.geometry.slice_indices, case.geometry, record.label)
+
+
+def select_slices(case: EvalCase, keep: np.ndarray | None) -> EvalCase:
+    """Restrict a case to the slice indices in ``keep`` (``--max-slices``); None keeps all."""
+    if keep is None:
+        return case
+    sel = np.isin(case.slice_indices, keep)
+    return EvalCase(case.case_id, case.images[sel], case.masks[sel], case.slice_indices[sel], case.geometry, case.label_path)
+
+
+class CohortEvaluator:
+    """Evaluate methods on cases and merge the results.
+
+    Args:
+        inferer: a :class:`VolumeInferer` of the model (its network, schedule and chain are reused).
+        methods: names from :data:`ALL_METHODS`.
+        results_dir: output folder.
+        ddib_threshold: map threshold of the ``ddib`` baseline (tuned with pixel labels on validation).
+        ddib_depth: encoding depth of the ``ddib`` baseline.
+        batch_size, seed: as for the inferer.
+    """
+
+    def __init__(
+        self,
+        inferer: VolumeInferer,
+        methods: Sequence[str],
+        results_dir: str | Path,
+        *,
+        ddib_threshold: float | None = None,
+        ddib_depth: int = 400,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        unknown = [m for m in methods if m not in ALL_METHODS]
+        if unknown:
+            raise ValueError(f"--methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
+        self.inferer = inferer
+        self.methods = list(methods)
+        self.results_dir = Path(results_dir)
+        self.ddib_threshold = ddib_threshold
+        self.ddib_depth = ddib_depth
+        base = inferer.slice_inferer
+        self.predict_eps, self.alphas_cumprod = base.predict_eps, base.alphas_cumprod
+        self.map_channels = base.calibration.map_channel_indices
+        self.slice_inferers = {}
+        for encoding in sorted({ANOFPDM_METHODS[m][0] for m in self.methods if m in ANOFPDM_METHODS}):
+            variants = [ANOFPDM_METHODS[m][1] for m in self.methods if m in ANOFPDM_METHODS and ANOFPDM_METHODS[m][0] == encoding]
+            calibration = load_calibration(inferer.model_dir, encoding)
+            self.slice_inferers[encoding] = SliceInferer(
+                self.predict_eps, self.alphas_cumprod, calibration, variants=variants, encoding=encoding,
+                steps=base.steps, stride=base.stride, setup="unhealthy", batch_size=batch_size, seed=seed,
+                device=base.device,
+            )  # fmt: skip
+        self.batch_size = batch_size
+
+    def case_file(self, case_id: str) -> Path:
+        return self.results_dir / "cases" / f"{case_id}.npz"
+
+    def ddib_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """DDIB reconstruction maps (N, S, S) in batches, and calls per slice."""
+        maps, calls = [], 0
+        w = next(iter(self.slice_inferers.values())).calibration.w if self.slice_inferers else load_calibration(
+            self.inferer.model_dir, "ddim").w
+        stride = self.inferer.slice_inferer.stride
+        for start in range(0, images.shape[0], self.batch_size):
+            x0 = images[start : start + self.batch_size].to(self.inferer.device)
+            result = ddib_reconstruction(
+                self.predict_eps, x0, self.alphas_cumprod.to(x0.device), depth=self.ddib_depth, w=w, stride=stride,
+                map_channels=self.map_channels,
+            )
+            maps.append(result.maps.float().cpu())
+            calls = result.network_calls
+        return torch.cat(maps), calls
+
+    def evaluate_case(self, case: EvalCase) -> Path:
+        """Run every method on one case and save its arrays and per-method facts to ``cases/<id>.npz``."""
+        arrays: dict[str, np.ndarray] = {
+            "truth": case.masks.numpy().astype(bool),
+            "foreground": brain_foreground(case.images).numpy().astype(bool),
+            "intensity": case.images[:, list(self.map_channels)].mean(dim=1).numpy().astype(np.float32),
+            "slice_indices": case.slice_indices,
+        }
+        facts: dict[str, dict] = {}
+        for encoding, inferer in self.slice_inferers.items():
+            start = time.perf_counter()
+            outputs = inferer(case.images)
+            seconds = time.perf_counter() - start
+            for method, (enc, variant) in ANOFPDM_METHODS.items():
+                if method not in self.methods or enc != encoding:
+                    continue
+                out = outputs[variant]
+                arrays[f"{method}/maps"] = out.maps.numpy().astype(np.float32)
+                arrays[f"{method}/masks"] = out.masks.numpy()
+                arrays[f"{method}/pred"] = out.predicted_unhealthy.numpy()
+                arrays[f"{method}/sim"] = out.sim.numpy()
+                arrays[f"{method}/t_e"] = out.end_step.float().mean(dim=1).numpy()
+                arrays[f"{method}/quantile"] = out.quantile.float().mean(dim=1).numpy()
+                arrays[f"{method}/threshold"] = out.threshold.numpy()
+                facts[method] = {"seconds": seconds, "calls": out.network_calls}
+        if "ddib" in self.methods and self.ddib_threshold is not None:
+            start = time.perf_counter()
+            maps, calls = self.ddib_maps(case.images)
+            arrays["ddib/maps"] = maps.numpy()
+            arrays["ddib/masks"] = (maps >= self.ddib_threshold).numpy()
+            facts["ddib"] = {"seconds": time.perf_counter() - start, "calls": calls}
+        native = self.native_dice(case, arrays)
+        for method, value in native.items():
+            facts[method]["dice_3d_native"] = value
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, facts=np.array(json.dumps(facts)), **arrays)
+        return atomic_write_bytes(self.case_file(case.case_id), buffer.getvalue())
+
+    def native_dice(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        """3-D DICE on the input's own grid (raw cohorts only: needs the geometry and the lesion file)."""
+        if case.geometry is None or case.label_path is None:
+            return {}
+        truth = np.asarray(nib.load(str(case.label_path)).dataobj) > 0
+        out = {}
+        for method in self.methods:
+            if f"{method}/masks" in arrays:
+                mask = slices_to_volume(torch.from_numpy(arrays[f"{method}/masks"]).float(), case.geometry, "mask")
+                out[method] = volume_dice(mask.astype(bool), truth)
+        return out
+
+
+def load_case_results(path: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "facts"}
+        facts = json.loads(str(data["facts"]))
+    return arrays, facts
+
+
+def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
+    """Build ``slices.csv``, ``cases.csv``, ``summary.json`` and ``summary.md`` from the per-case files."""
+    results_dir = Path(results_dir)
+    loaded = {c: load_case_results(results_dir / "cases" / f"{c}.npz") for c in case_ids}
+    methods = [m for m in methods if any(f"{m}/maps" in a for a, _ in loaded.values()) or m == "threshold"]
+    oracle = None
+    if "threshold" in methods:
+        fg = np.concatenate([a["foreground"].ravel() for a, _ in loaded.values()])
+        values = np.concatenate([a["intensity"].ravel() for a, _ in loaded.values()])[fg]
+        truth = np.concatenate([a["truth"].ravel() for a, _ in loaded.values()])[fg]
+        oracle = best_threshold_dice(values, truth, direction="best") if truth.any() else None
+        if oracle is None:
+            methods.remove("threshold")
+    slice_rows, case_rows = [], []
+    pooled = {m: (PooledAUPRC(), PooledAUPRC()) for m in methods}
+    for case_id, (arrays, facts) in loaded.items():
+        truth, fg = arrays["truth"], arrays["foreground"]
+        labels = truth.reshape(len(truth), -1).any(1)
+        for method in methods:
+            if method == "threshold":
+                maps = arrays["intensity"] if oracle.direction == "high" else -arrays["intensity"]
+                masks = apply_threshold(arrays["intensity"], oracle.threshold, oracle.direction) & fg
+            else:
+                maps, masks = arrays[f"{method}/maps"], arrays[f"{method}/masks"]
+            dice, iou = dice_iou_per_slice(masks, truth)
+            pred = arrays.get(f"{method}/pred")
+            fact = facts.get(method, {})
+            n = len(truth)
+            for i in range(n):
+                slice_rows.append({
+                    "case": case_id, "slice": int(arrays["slice_indices"][i]), "method": method,
+                    "label": UNHEALTHY if labels[i] else HEALTHY,
+                    "pred_label": (UNHEALTHY if pred[i] else HEALTHY) if pred is not None else np.nan,
+                    "dice": dice[i], "iou": iou[i], "lesion_pixels": int(truth[i].sum()), "pred_pixels": int(masks[i].sum()),
+                    "sim": float(arrays[f"{method}/sim"][i]) if f"{method}/sim" in arrays else np.nan,
+                    "t_e": float(arrays[f"{method}/t_e"][i]) if f"{method}/t_e" in arrays else np.nan,
+                    "quantile": float(arrays[f"{method}/quantile"][i]) if f"{method}/quantile" in arrays else np.nan,
+                    "threshold": float(arrays[f"{method}/threshold"][i]) if f"{method}/threshold" in arrays else (
+                        oracle.threshold if method == "threshold" else np.nan),
+                    "network_calls": fact.get("calls", 0), "seconds": fact.get("seconds", 0.0) / max(n, 1),
+                    "uses_pixel_labels": method in BASELINES,
+                })  # fmt: skip
+            mixed_masks = masks if pred is None else masks & pred[:, None, None]
+            pooled[method][0].update(maps, truth, fg)
+            pooled[method][1].update(maps[labels], truth[labels], fg[labels])
+            case_rows.append({
+                "case": case_id, "method": method, "dice_3d": volume_dice(mixed_masks, truth),
+                "dice_3d_native": fact.get("dice_3d_native", np.nan),
+                "lesion_pixels": int(truth.sum()), "pred_pixels": int(mixed_masks.sum()), "slices": n,
+                "seconds": fact.get("seconds", 0.0),
+            })  # fmt: skip
+    slices = pd.DataFrame(slice_rows)
+    atomic_save_dataframe(slices, results_dir / "slices.csv")
+    atomic_save_dataframe(pd.DataFrame(case_rows), results_dir / "cases.csv")
+    rows = summarise_slices(slices)
+    for method, (mixed, unhealthy) in pooled.items():
+        rows = merge_auprc(rows, method, mixed=mixed.compute(), unhealthy=unhealthy.compute())
+    cases = pd.DataFrame(case_rows)
+    for method in rows:
+        rows[method]["case_dice_3d"] = float(cases.loc[cases["method"] == method, "dice_3d"].mean())
+    if oracle is not None:
+        rows["threshold"]["oracle_threshold"] = float(oracle.threshold)
+        rows["threshold"]["oracle_direction"] = oracle.direction
+    atomic_write_text(results_dir / "summary.json", json.dumps(rows, indent=2, default=float) + "\n")
+    atomic_write_text(results_dir / "summary.md", summary_markdown(rows))
+    return rows
+
+
+def tune_ddib_threshold(evaluator: CohortEvaluator, store: PreprocessedStore, max_slices: int, seed: int) -> float:
+    """The ``ddib`` baseline's map threshold, tuned on validation slices WITH pixel labels (as such methods are)."""
+    rows = store.rows("val")
+    if rows.empty:
+        raise InputError(f"{store.root}: no validation split to tune the ddib threshold on; drop ddib from --methods")
+    if len(rows) > max_slices:
+        rows = rows.sample(n=max_slices, random_state=seed).sort_index()
+    images, masks, _ = store.load_slices(rows)
+    maps, _ = evaluator.ddib_maps(images)
+    return tune_pixel_threshold(maps, masks, brain_foreground(images))

@@ -1,0 +1,313 @@
+"""Inferers: AnoFPDM on batches of slices, and on whole patient volumes (MONAI ``Inferer`` style).
+
+:class:`SliceInferer` runs the forward-process engine and the per-slice decisions over slices in
+batches; :class:`VolumeInferer` wraps it with the model folder's preprocessing chain and its
+inverse, so that a patient's NIfTI files go in and a mask and an anomaly map on the input's own
+grid come out.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import Inferer
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from anofpdm_monai.calibration import Calibration
+from anofpdm_monai.config import ModelConfig
+from anofpdm_monai.forward_process import run_forward_process
+from anofpdm_monai.io import InputError, save_like
+from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder
+from anofpdm_monai.segmentation import segment
+from anofpdm_monai.training import resolve_device
+from anofpdm_monai.transforms import PreprocessedCase, preprocess_case, slices_to_volume
+
+# method name -> (encoding, map variant)
+ANOFPDM_METHODS = {
+    "anofpdm-ddim": ("ddim", "aggregated"),
+    "anofpdm-ddpm": ("ddpm", "aggregated"),
+    "anofpdm-ddim-last": ("ddim", "last"),
+    "anofpdm-ddpm-last": ("ddpm", "last"),
+}
+
+
+def calibration_path(model_dir: str | Path, encoding: str) -> Path:
+    """``calibration.json`` for DDIM (the default), ``calibration_ddpm.json`` for DDPM."""
+    return Path(model_dir) / ("calibration.json" if encoding == "ddim" else f"calibration_{encoding}.json")
+
+
+def load_calibration(model_dir: str | Path, encoding: str) -> Calibration:
+    """The calibration of ``encoding``; falls back to the DDIM one with a warning."""
+    path = calibration_path(model_dir, encoding)
+    if not path.is_file() and encoding != "ddim" and calibration_path(model_dir, "ddim").is_file():
+        warnings.warn(f"{path} not found; using the DDIM calibration for {encoding} (run anofpdm calibrate --encoding {encoding})")
+        path = calibration_path(model_dir, "ddim")
+    return Calibration.load(path)
+
+
+@dataclass
+class SliceOutputs:
+    """Outputs for N slices (S x S pixels, M map channels).
+
+    Attributes:
+        maps: (N, S, S) float32 anomaly maps.
+        masks: (N, S, S) bool predicted lesion masks.
+        predicted_unhealthy: (N,) bool health decisions.
+        sim: (N,) health similarity.
+        end_step: (N, M) end step t_e per map channel.
+        quantile: (N, M) dynamic-threshold quantile levels.
+        threshold: (N,) dynamic thresholds.
+        network_calls: batched network calls per slice (each call evaluates one slice's cond + null pair).
+    """
+
+    maps: torch.Tensor
+    masks: torch.Tensor
+    predicted_unhealthy: torch.Tensor
+    sim: torch.Tensor
+    end_step: torch.Tensor
+    quantile: torch.Tensor
+    threshold: torch.Tensor
+    network_calls: int
+
+    @staticmethod
+    def concatenate(parts: Sequence[SliceOutputs]) -> SliceOutputs:
+        fields = ("maps", "masks", "predicted_unhealthy", "sim", "end_step", "quantile", "threshold")
+        merged = {f: torch.cat([getattr(p, f) for p in parts]) for f in fields}
+        return SliceOutputs(**merged, network_calls=parts[0].network_calls if parts else 0)
+
+
+class SliceInferer(Inferer):
+    """AnoFPDM on slices: one forward process per batch, then the decisions of ALGORITHM.md section 5.
+
+    Args:
+        predict_eps: noise predictor ``(x (N, C, S, S), t (N,), labels (N,)) -> (N, C, S, S)``.
+        alphas_cumprod: (T,) the training schedule.
+        calibration: w*, thr_01, D and the calibrated N, k and encoding.
+        variants: map variants to produce from the same forward process (``aggregated``, ``last``).
+        encoding: ``ddim`` or ``ddpm``; default the calibration's.
+        steps: forward-step budget N; default the calibration's.
+        stride: stride k; default the calibration's.
+        setup: ``mixed`` (predicted-healthy slices get empty masks) or ``unhealthy``.
+        batch_size: slices per forward process (each network call sees 2 x batch_size inputs).
+        seed: seeds the engine's generator; batch b uses ``seed + b``.
+        device: where the network runs.
+    """
+
+    def __init__(
+        self,
+        predict_eps,
+        alphas_cumprod: torch.Tensor,
+        calibration: Calibration,
+        *,
+        variants: Sequence[str] = ("aggregated",),
+        encoding: str | None = None,
+        steps: int | None = None,
+        stride: int | None = None,
+        setup: str = "mixed",
+        batch_size: int = 32,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"--batch-size {batch_size} must be at least 1")
+        self.predict_eps = predict_eps
+        self.alphas_cumprod = alphas_cumprod
+        self.calibration = calibration
+        self.variants = tuple(variants)
+        self.encoding = encoding or calibration.encoding
+        self.steps = steps or calibration.steps
+        self.stride = stride or calibration.stride
+        if (self.steps, self.stride, self.encoding) != (calibration.steps, calibration.stride, calibration.encoding):
+            warnings.warn(
+                f"inference uses N={self.steps}, k={self.stride}, {self.encoding} but the calibration was made with "
+                f"N={calibration.steps}, k={calibration.stride}, {calibration.encoding}; thr_01 and D may not transfer"
+            )
+        self.setup = setup
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.progress = progress
+
+    def __call__(self, inputs: torch.Tensor, *args, **kwargs) -> dict[str, SliceOutputs]:  # type: ignore[override]
+        """Run on (N, C, S, S) slices in [-1, 1]; returns one :class:`SliceOutputs` per map variant."""
+        parts: dict[str, list[SliceOutputs]] = {v: [] for v in self.variants}
+        starts = range(0, inputs.shape[0], self.batch_size)
+        for b, start in enumerate(tqdm(starts, desc="slices", unit="batch", disable=not self.progress, leave=False)):
+            x0 = inputs[start : start + self.batch_size].to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(self.seed + b)
+            result = run_forward_process(
+                self.predict_eps,
+                x0,
+                self.alphas_cumprod.to(self.device),
+                guidance_scales=[self.calibration.w],
+                steps=self.steps,
+                stride=self.stride,
+                encoding=self.encoding,
+                map_channels=self.calibration.map_channel_indices,
+                include_end_step=self.calibration.include_end_step,
+                inversion=self.calibration.inversion,
+                generator=generator,
+            )
+            for variant in self.variants:
+                seg = segment(result, self.calibration, setup=self.setup, variant=variant)
+                parts[variant].append(
+                    SliceOutputs(
+                        maps=seg.maps.float().cpu(),
+                        masks=seg.masks.cpu(),
+                        predicted_unhealthy=seg.predicted_unhealthy.cpu(),
+                        sim=seg.sim.cpu(),
+                        end_step=seg.end_step.cpu(),
+                        quantile=seg.quantile.cpu(),
+                        threshold=seg.threshold.cpu(),
+                        network_calls=result.network_calls,
+                    )
+                )
+        return {v: SliceOutputs.concatenate(p) for v, p in parts.items()}
+
+
+@dataclass
+class VolumeResult:
+    """One patient's outputs.
+
+    Attributes:
+        case: the preprocessed case (slices, masks if a lesion file was given, geometry).
+        slices: per-slice outputs for the brain slices.
+        mask: (X, Y, Z) uint8 mask on the input grid.
+        anomaly: (X, Y, Z) float32 anomaly map on the input grid.
+        seconds: wall time of preprocessing and inference.
+    """
+
+    case: PreprocessedCase
+    slices: SliceOutputs
+    mask: np.ndarray
+    anomaly: np.ndarray
+    seconds: float
+
+    @property
+    def lesion_ml(self) -> float:
+        zooms = np.abs(np.linalg.det(self.case.geometry.input_affine[:3, :3]))
+        return float(self.mask.sum() * zooms / 1000.0)
+
+
+class VolumeInferer(Inferer):
+    """Patient NIfTI files in, mask and anomaly map on the input's own grid out.
+
+    Args:
+        model_dir: a trained model folder (config.json, model.pt, calibration.json).
+        method: one of ``anofpdm-ddim`` (default), ``anofpdm-ddpm``, ``anofpdm-ddim-last``, ``anofpdm-ddpm-last``.
+        steps, stride: override the calibrated N and k.
+        batch_size: slices per forward process; bounds peak memory.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: engine seed.
+        keep_3d_components: remove 3-D connected components of the volume mask smaller than this (voxels); 0 keeps all.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        method: str = "anofpdm-ddim",
+        steps: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 32,
+        device: str = "auto",
+        seed: int = 0,
+        keep_3d_components: int = 0,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if method not in ANOFPDM_METHODS:
+            raise ValueError(f"--method {method!r}: choose one of {sorted(ANOFPDM_METHODS)}")
+        self.model_dir = Path(model_dir)
+        self.method = method
+        encoding, variant = ANOFPDM_METHODS[method]
+        self.device = resolve_device(device)
+        network, self.config = load_model_folder(self.model_dir, self.device)
+        calibration = load_calibration(self.model_dir, encoding)
+        self.slice_inferer = SliceInferer(
+            NoisePredictor(network, autocast=self.device.type == "cuda"),
+            build_scheduler(self.config.diffusion).alphas_cumprod,
+            calibration,
+            variants=(variant,),
+            encoding=encoding,
+            steps=steps,
+            stride=stride,
+            batch_size=batch_size,
+            seed=seed,
+            device=self.device,
+            progress=progress,
+        )
+        self.variant = variant
+        self.keep_3d_components = keep_3d_components
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config
+
+    def preprocess(self, channel_paths: Sequence[str | Path], label_path: str | Path | None = None) -> PreprocessedCase:
+        """Apply the model's own preprocessing chain (the one its store was built with)."""
+        expected = self.config.preprocess.channel_names
+        if len(channel_paths) != len(expected):
+            first = Path(channel_paths[0]) if channel_paths else self.model_dir
+            raise InputError(
+                f"{first}: the case has {len(channel_paths)} channel file(s) but the model takes {len(expected)} "
+                f"({', '.join(expected)}); give one file per channel in that order"
+            )
+        p = self.config.preprocess
+        return preprocess_case(
+            channel_paths,
+            label_path,
+            image_size=p.image_size,
+            percentile=p.percentile,
+            min_brain_fraction=p.min_brain_fraction,
+            register_to=p.register_to,
+        )
+
+    def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None) -> VolumeResult:  # type: ignore[override]
+        """Segment one case given its channel files (in the model's channel order)."""
+        start = time.perf_counter()
+        case = self.preprocess(inputs, label)
+        outputs = self.slice_inferer(case.images)[self.variant]
+        mask = slices_to_volume(outputs.masks.float(), case.geometry, "mask")
+        if self.keep_3d_components > 0:
+            mask = remove_small_3d_components(mask, self.keep_3d_components)
+        anomaly = slices_to_volume(outputs.maps, case.geometry, "map")
+        return VolumeResult(case, outputs, mask, anomaly, time.perf_counter() - start)
+
+    @staticmethod
+    def write(result: VolumeResult, out_dir: str | Path, case_id: str, save_png: bool = False) -> list[Path]:
+        """Write ``CASE.nii.gz`` (uint8 mask) and ``CASE_anomaly.nii.gz`` (float32) on the input grid, atomically."""
+        import nibabel as nib
+
+        out_dir = Path(out_dir)
+        reference = nib.load(str(result.case.geometry.reference))
+        written = [
+            save_like(result.anomaly, reference, out_dir / f"{case_id}_anomaly.nii.gz", np.float32),
+        ]
+        if save_png:
+            from anofpdm_monai.visualize import save_overlay
+
+            written.append(save_overlay(result.case.images, result.slices.maps, result.slices.masks, out_dir / f"{case_id}.png"))
+        # The mask is written last: its presence marks the case as finished (for --continue).
+        written.append(save_like(result.mask, reference, out_dir / f"{case_id}.nii.gz", np.uint8))
+        return written
+
+
+def remove_small_3d_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Drop 26-connected components of a (X, Y, Z) mask with fewer than ``min_voxels`` voxels."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels].astype(mask.dtype)

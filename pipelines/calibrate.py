@@ -1,0 +1,77 @@
+"""``anofpdm calibrate``: choose w*, thr_01 and D on validation slices (image-level labels only)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from anofpdm_monai.calibration import calibrate, plot_calibration
+from anofpdm_monai.data import PreprocessedStore
+from anofpdm_monai.inferers import calibration_path
+from anofpdm_monai.io import InputError
+from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder
+from anofpdm_monai.training import resolve_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", required=True, help="trained model folder")
+    parser.add_argument("-d", "--data", required=True, help="preprocessed store with a val split")
+    parser.add_argument("--w-grid", default="0.5,1,1.5,2,3,5", help="candidate guidance strengths")
+    parser.add_argument("--n-val", type=int, default=1000, help="validation slices (seeded sample)")
+    parser.add_argument("--steps", type=int, default=600, help="forward-step budget N")
+    parser.add_argument("--stride", type=int, default=1, help="visit every k-th step (fast mode: k > 1)")
+    parser.add_argument("--encoding", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def validation_sample(store: PreprocessedStore, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded sample of at most ``n_val`` validation slices and their image-level labels (no masks used)."""
+    rows = store.rows("val")
+    if rows.empty:
+        raise InputError(f"{store.root}: the store has no validation slices; preprocess with a --split that gives val patients")
+    if len(rows) > n_val:
+        rows = rows.sample(n=n_val, random_state=seed).sort_index()
+    images, _, labels = store.load_slices(rows)
+    return images, labels
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    network, config = load_model_folder(args.model, device)
+    store = PreprocessedStore(args.data)
+    if store.config.channel_names != config.preprocess.channel_names or store.config.image_size != config.network.image_size:
+        raise InputError(
+            f"{args.data}: store has channels {store.config.channel_names} at {store.config.image_size}px, the model "
+            f"takes {config.preprocess.channel_names} at {config.network.image_size}px; use the store the model was trained on"
+        )
+    try:
+        w_grid = [float(w) for w in args.w_grid.split(",") if w.strip()]
+    except ValueError as err:
+        raise ValueError(f"--w-grid {args.w_grid!r}: give comma-separated numbers, e.g. 0.5,1,2") from err
+    images, labels = validation_sample(store, args.n_val, args.seed)
+    calibration, curves = calibrate(
+        NoisePredictor(network, autocast=device.type == "cuda"),
+        build_scheduler(config.diffusion).alphas_cumprod.to(device),
+        images,
+        labels,
+        w_grid=w_grid,
+        steps=args.steps,
+        stride=args.stride,
+        encoding=args.encoding,
+        map_channels=config.preprocess.map_channel_indices,
+        map_channel_names=config.preprocess.map_channels,
+        batch_size=args.batch_size,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+        device=device,
+    )
+    out = calibration_path(args.model, args.encoding)
+    calibration.save(out)
+    plot_calibration(calibration, curves, Path(out).with_suffix(".png"))
+    accuracies = ", ".join(f"w={w:g}: {a:.3f}" for w, a in zip(calibration.w_grid, calibration.accuracy))
+    print(f"{out}: w*={calibration.w:g}, thr_01={calibration.thr_01:.4f}, D={[round(d, 5) for d in calibration.D]}")
+    print(f"validation accuracy ({calibration.n_val} slices): {accuracies}")
+    return 0

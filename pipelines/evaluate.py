@@ -1,0 +1,119 @@
+"""``anofpdm evaluate``: per-slice and per-case metrics of a test cohort, and the Table-1 summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from anofpdm_monai.evaluation import ALL_METHODS, Cohort, CohortEvaluator, merge_results, select_slices, tune_ddib_threshold
+from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.io import InputError, atomic_write_text
+from pipelines.segment import resolve_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", required=True, help="trained model folder (or 'bundled')")
+    parser.add_argument("-i", "--input", required=True, help="preprocessed store or raw cohort folder")
+    parser.add_argument("-o", "--output", required=True, help="results folder")
+    parser.add_argument("--split", default="test", help="store split to evaluate (stores only)")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods")
+    parser.add_argument("--max-slices", type=int, default=None, help="evaluate a seeded subset of this many slices")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--stride", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--ddib-depth", type=int, default=400, help="encoding depth of the ddib baseline")
+    parser.add_argument("--val-data", default=None, help="store whose val split tunes the ddib threshold")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished by an earlier run")
+    parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
+    parser.add_argument("--part-id", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    num_parts, part_id = (world, rank) if world > 1 else (args.num_parts, args.part_id)
+    if not 0 <= part_id < num_parts:
+        raise ValueError(f"--part-id {part_id} must lie in [0, --num-parts {num_parts})")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = Path(args.output)
+    try:
+        (results / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{results}: cannot create the results folder ({err.strerror}); choose a writable -o") from err
+    inferer = VolumeInferer(
+        resolve_model(args.model), steps=args.steps, stride=args.stride, batch_size=args.batch_size,
+        device=args.device, seed=args.seed,
+    )  # fmt: skip
+    cohort = Cohort(args.input, inferer, args.split)
+    evaluator = CohortEvaluator(inferer, methods, results, ddib_depth=args.ddib_depth, batch_size=args.batch_size, seed=args.seed)
+    if "ddib" in methods:
+        evaluator.ddib_threshold = ddib_threshold(evaluator, cohort, args, results)
+    keep = slice_subset(cohort, args.max_slices, args.seed)
+    mine = cohort.case_ids[part_id::num_parts]
+    failed = 0
+    for case_id in tqdm(mine, desc=f"evaluate {part_id + 1}/{num_parts}" if num_parts > 1 else "evaluate", unit="case"):
+        if args.resume and evaluator.case_file(case_id).is_file():
+            continue
+        try:
+            case = select_slices(cohort.load(case_id), None if keep is None else keep.get(case_id, np.array([], int)))
+            if len(case.slice_indices) == 0:
+                continue
+            evaluator.evaluate_case(case)
+        except (InputError, OSError) as err:
+            failed += 1
+            tqdm.write(f"anofpdm evaluate: error: {case_id}: {err}", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+        if rank != 0:
+            return 1 if failed else 0
+    done = [c for c in cohort.case_ids if evaluator.case_file(c).is_file()]
+    if len(done) < len(cohort.case_ids) - failed and world == 1 and num_parts > 1:
+        print(f"{len(done)} of {len(cohort.case_ids)} cases done; the summary is written when every part has finished")
+        return 1 if failed else 0
+    if not done:
+        raise InputError(f"{args.input}: no case could be evaluated")
+    rows = merge_results(results, done, methods)
+    print((results / "summary.md").read_text())
+    print(f"tables: {results / 'slices.csv'}, {results / 'cases.csv'}, {results / 'summary.json'}")
+    if failed:
+        print(f"anofpdm evaluate: {failed} case(s) failed (see above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def slice_subset(cohort: Cohort, max_slices: int | None, seed: int) -> dict[str, np.ndarray] | None:
+    """A fixed, seeded subset of at most ``max_slices`` slices over the cohort (stores only)."""
+    if max_slices is None:
+        return None
+    if cohort.store is None:
+        raise InputError("--max-slices needs a preprocessed store as -i (raw cohorts are evaluated whole)")
+    rows = cohort.rows
+    if len(rows) > max_slices:
+        rows = rows.sample(n=max_slices, random_state=seed)
+    return {p: g["slice"].to_numpy() for p, g in rows.groupby("patient")}
+
+
+def ddib_threshold(evaluator: CohortEvaluator, cohort: Cohort, args: argparse.Namespace, results: Path) -> float | None:
+    """Tune (once, cached in RESULTS/ddib.json) the ddib baseline's threshold on validation pixel labels."""
+    cache = results / "ddib.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["threshold"])
+    from anofpdm_monai.data import PreprocessedStore
+
+    source = args.val_data or (args.input if cohort.store is not None else None)
+    if source is None:
+        print("ddib skipped: give --val-data PREP to tune its threshold", file=sys.stderr)
+        return None
+    threshold = tune_ddib_threshold(evaluator, PreprocessedStore(source), max_slices=200, seed=args.seed)
+    atomic_write_text(cache, json.dumps({"threshold": threshold, "tuned_on": str(source), "uses_pixel_labels": True}) + "\n")
+    return threshold

@@ -1,0 +1,77 @@
+"""``anofpdm segment``: patient NIfTI in, mask and anomaly-map NIfTI on the input's own grid out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from anofpdm_monai.inferers import ANOFPDM_METHODS, VolumeInferer
+from anofpdm_monai.io import InputError
+from data_prep.readers import records_for_inference
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", required=True, help="trained model folder (or 'bundled')")
+    parser.add_argument("-i", "--input", required=True, nargs="+", help="case folder, NIfTI file(s), or a cohort folder")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(ANOFPDM_METHODS))
+    parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: calibrated)")
+    parser.add_argument("--stride", type=int, default=None, help="stride k (default: calibrated)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per batch; bounds memory")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-png", action="store_true", help="also write CASE.png overlays")
+    parser.add_argument("--keep-3d-components", type=int, default=0, metavar="MIN_VOXELS",
+                        help="drop 3-D lesion components smaller than this many voxels")
+    parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
+
+
+def resolve_model(model: str) -> Path:
+    """``bundled`` names the model shipped inside the package."""
+    if model == "bundled":
+        from anofpdm_monai.bundled import bundled_model_dir
+
+        return bundled_model_dir()
+    return Path(model)
+
+
+def run(args: argparse.Namespace) -> int:
+    records = records_for_inference(args.input)
+    out_dir = Path(args.output)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out_dir}: cannot create the output folder ({err.strerror}); choose a writable -o") from err
+    inferer = VolumeInferer(
+        resolve_model(args.model),
+        method=args.method,
+        steps=args.steps,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        keep_3d_components=args.keep_3d_components,
+    )
+    failed = 0
+    for record in tqdm(records, desc="segment", unit="case", disable=len(records) < 2):
+        if args.resume and (out_dir / f"{record.case_id}.nii.gz").is_file():
+            tqdm.write(f"{record.case_id}: done already, skipped (--continue)")
+            continue
+        try:
+            result = inferer(list(record.channels.values()))
+            inferer.write(result, out_dir, record.case_id, save_png=args.save_png)
+        except (InputError, OSError) as err:
+            failed += 1
+            tqdm.write(f"anofpdm segment: error: {record.case_id}: {err}", file=sys.stderr)
+            continue
+        unhealthy = int(result.slices.predicted_unhealthy.sum())
+        tqdm.write(
+            f"{record.case_id}: {unhealthy}/{len(result.slices.sim)} slices unhealthy, lesion {result.lesion_ml:.1f} ml, "
+            f"{result.seconds:.1f} s -> {out_dir / (record.case_id + '.nii.gz')}"
+        )
+    if failed:
+        print(f"anofpdm segment: {failed} of {len(records)} cases failed (see above)", file=sys.stderr)
+    return 1 if failed else 0
