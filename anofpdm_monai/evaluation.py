@@ -110,6 +110,8 @@ class CohortEvaluator:
         ddib_threshold: map threshold of the ``ddib`` baseline (tuned with pixel labels on validation).
         ddib_depth: encoding depth of the ``ddib`` baseline.
         batch_size, seed: as for the inferer.
+        outputs_dir: where to also write, for raw-cohort cases, the first AnoFPDM method's mask and map
+            NIfTI files on the input grid and a PNG overlay (None writes none).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class CohortEvaluator:
         ddib_depth: int = 400,
         batch_size: int = 32,
         seed: int = 0,
+        outputs_dir: str | Path | None = None,
     ) -> None:
         unknown = [m for m in methods if m not in ALL_METHODS]
         if unknown:
@@ -144,6 +147,7 @@ class CohortEvaluator:
                 device=base.device,
             )  # fmt: skip
         self.batch_size = batch_size
+        self.outputs_dir = None if outputs_dir is None else Path(outputs_dir)
 
     def case_file(self, case_id: str) -> Path:
         return self.results_dir / "cases" / f"{case_id}.npz"
@@ -195,12 +199,28 @@ class CohortEvaluator:
             arrays["ddib/maps"] = maps.numpy()
             arrays["ddib/masks"] = (maps >= self.ddib_threshold).numpy()
             facts["ddib"] = {"seconds": time.perf_counter() - start, "calls": calls}
+        self.write_outputs(case, arrays)
         native = self.native_dice(case, arrays)
         for method, value in native.items():
             facts[method]["dice_3d_native"] = value
         buffer = io.BytesIO()
         np.savez_compressed(buffer, facts=np.array(json.dumps(facts)), **arrays)
         return atomic_write_bytes(self.case_file(case.case_id), buffer.getvalue())
+
+    def write_outputs(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> None:
+        """Write mask, map and overlay of the first AnoFPDM method (raw cohorts, when ``outputs_dir`` is set)."""
+        method = next((m for m in self.methods if m in ANOFPDM_METHODS), None)
+        if self.outputs_dir is None or case.geometry is None or method is None:
+            return
+        from anofpdm_monai.io import save_like
+        from anofpdm_monai.visualize import save_overlay
+
+        masks = torch.from_numpy(arrays[f"{method}/masks"] & arrays[f"{method}/pred"][:, None, None])
+        maps = torch.from_numpy(arrays[f"{method}/maps"])
+        reference = nib.load(str(case.geometry.reference))
+        save_overlay(case.images, maps, masks, self.outputs_dir / f"{case.case_id}.png", truth=case.masks)
+        save_like(slices_to_volume(maps, case.geometry, "map"), reference, self.outputs_dir / f"{case.case_id}_anomaly.nii.gz", np.float32)
+        save_like(slices_to_volume(masks.float(), case.geometry, "mask"), reference, self.outputs_dir / f"{case.case_id}.nii.gz", np.uint8)
 
     def native_dice(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """3-D DICE on the input's own grid (raw cohorts only: needs the geometry and the lesion file)."""

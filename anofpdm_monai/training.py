@@ -75,6 +75,9 @@ def init_distributed(device: torch.device) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
+    if device.type == "cuda":
+        # One GPU per process: without this every rank would run on cuda:0.
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
@@ -129,9 +132,30 @@ def prepare_model_dir(settings: TrainSettings, config: ModelConfig) -> None:
             )
 
 
+def check_settings(settings: TrainSettings) -> None:
+    """Reject numeric settings that would crash or silently do nothing, with the flag's name."""
+    if settings.steps is not None and settings.steps < 1:
+        raise ValueError(f"--steps {settings.steps} must be at least 1")
+    if settings.epochs is not None and not settings.epochs > 0:
+        raise ValueError(f"--epochs {settings.epochs} must be positive")
+    if settings.batch_size < 1:
+        raise ValueError(f"--batch-size {settings.batch_size} must be at least 1")
+    if settings.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every {settings.checkpoint_every} must be at least 1")
+    if not settings.lr > 0:
+        raise ValueError(f"--lr {settings.lr} must be positive")
+    if not 0.0 <= settings.ema < 1.0:
+        raise ValueError(f"--ema {settings.ema} must lie in [0, 1)")
+    if not 0.0 <= settings.p_uncond <= 1.0:
+        raise ValueError(f"--p-uncond {settings.p_uncond} must lie in [0, 1]")
+
+
 def train(settings: TrainSettings) -> Path:
     """Train (or resume) a model folder; returns its path. See the module docstring."""
+    check_settings(settings)
     device = resolve_device(settings.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = init_distributed(device)
     store = PreprocessedStore(settings.store)
     dataset = SliceDataset(store, "train")
@@ -148,10 +172,20 @@ def train(settings: TrainSettings) -> Path:
     if total_steps is None:
         epochs = settings.epochs if settings.epochs is not None else 1.0
         total_steps = max(1, math.ceil(epochs * len(dataset) / settings.batch_size))
+    error: InputError | None = None
     if dist_info.is_main:
-        prepare_model_dir(settings, config)
+        try:
+            prepare_model_dir(settings, config)
+        except (InputError, FileNotFoundError, ValueError) as err:
+            error = err if isinstance(err, InputError) else InputError(str(err))
     if dist_info.world_size > 1:
-        dist.barrier()
+        # Every rank learns rank 0's verdict; otherwise the others would wait forever at the next collective.
+        message = [str(error) if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            error = InputError(message[0])
+    if error is not None:
+        raise error
 
     torch.manual_seed(settings.seed)
     model = build_network(network_cfg).to(device)
@@ -160,7 +194,7 @@ def train(settings: TrainSettings) -> Path:
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     scheduler = build_scheduler(config.diffusion)
-    max_t = settings.max_train_timestep or scheduler.num_train_timesteps
+    max_t = settings.max_train_timestep if settings.max_train_timestep is not None else scheduler.num_train_timesteps
     if not 1 <= max_t <= scheduler.num_train_timesteps:
         raise ValueError(f"--max-train-timestep {max_t} must lie in [1, {scheduler.num_train_timesteps}]")
     step, log_rows = 0, []
@@ -204,7 +238,7 @@ def train(settings: TrainSettings) -> Path:
             loss_t = torch.tensor([loss_value], device=device)
             dist.all_reduce(loss_t)
             loss_value = float(loss_t) / dist_info.world_size
-        log_rows.append({"step": step, "loss": loss_value, "lr": settings.lr, "wall_s": elapsed0 + time.perf_counter() - t0})
+        log_rows.append({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "wall_s": elapsed0 + time.perf_counter() - t0})
         bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
         if dist_info.is_main and (step % settings.checkpoint_every == 0 or step == total_steps):

@@ -10,6 +10,7 @@ from anofpdm_monai.io import InputError
 
 # verb -> (module under pipelines/, one-line help)
 VERBS = {
+    "demo": ("demo", "segment and evaluate fresh phantom patients with the bundled model (start here)"),
     "phantom": ("phantom", "write a synthetic cohort (BraTS21 or ATLAS v2.0 layout) with ground truth"),
     "preprocess": ("preprocess", "raw NIfTI cohort -> preprocessed slice store"),
     "train": ("train", "train the classifier-free-guided diffusion model (torchrun for several processes)"),
