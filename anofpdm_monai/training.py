@@ -144,8 +144,8 @@ def check_settings(settings: TrainSettings) -> None:
         raise ValueError(f"--checkpoint-every {settings.checkpoint_every} must be at least 1")
     if not settings.lr > 0:
         raise ValueError(f"--lr {settings.lr} must be positive")
-    if not 0.0 <= settings.ema < 1.0:
-        raise ValueError(f"--ema {settings.ema} must lie in [0, 1)")
+    if not 0.0 <= settings.ema <= 1.0:
+        raise ValueError(f"--ema {settings.ema} must lie in [0, 1]")
     if not 0.0 <= settings.p_uncond <= 1.0:
         raise ValueError(f"--p-uncond {settings.p_uncond} must lie in [0, 1]")
 
@@ -166,6 +166,10 @@ def train(settings: TrainSettings) -> Path:
             f"{network_cfg.image_size}px; rerun anofpdm preprocess with --size {network_cfg.image_size}"
         )
     config = ModelConfig(network=network_cfg, diffusion=DiffusionConfig(), preprocess=store.config)
+    num_t = config.diffusion.num_train_timesteps
+    max_t = settings.max_train_timestep if settings.max_train_timestep is not None else num_t
+    if not 1 <= max_t <= num_t:
+        raise ValueError(f"--max-train-timestep {max_t} must lie in [1, {num_t}]")
     if settings.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {settings.batch_size} must be divisible by the {dist_info.world_size} processes")
     total_steps = settings.steps
@@ -194,9 +198,6 @@ def train(settings: TrainSettings) -> Path:
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     scheduler = build_scheduler(config.diffusion)
-    max_t = settings.max_train_timestep if settings.max_train_timestep is not None else scheduler.num_train_timesteps
-    if not 1 <= max_t <= scheduler.num_train_timesteps:
-        raise ValueError(f"--max-train-timestep {max_t} must lie in [1, {scheduler.num_train_timesteps}]")
     step, log_rows = 0, []
     if settings.resume:
         state = safe_torch_load(settings.model_dir / "train_state.pt", map_location=device)
