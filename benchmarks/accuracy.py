@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--work", default="/tmp/anofpdm_accuracy")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ddib-depth", type=int, default=300, help="encoding depth of the ddib baseline")
     parser.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = parser.parse_args()
     model = resolve_model(args.model)
@@ -54,7 +55,8 @@ def main() -> None:
     start = time.perf_counter()
     results = work / "results"
     code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", args.methods,
-                "--max-slices", str(args.max_slices), "--val-data", str(val), "--batch-size", str(args.batch_size)])  # fmt: skip
+                "--max-slices", str(args.max_slices), "--val-data", str(val), "--batch-size", str(args.batch_size),
+                "--ddib-depth", str(args.ddib_depth)])  # fmt: skip
     summary = json.loads((results / "summary.json").read_text())
     write_json(args.out, {"benchmark": "accuracy", "args": vars(args), "exit_code": code,
                           "seconds": time.perf_counter() - start, "summary": summary,
