@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,7 @@ def calibrate(
     calibration = Calibration(
         w=w_star,
         thr_01=thresholds[g],
-        D=dmax[g][unhealthy].amax(dim=0).tolist(),
+        D=_positive_divergence(dmax[g][unhealthy].amax(dim=0)).tolist(),
         steps=steps,
         stride=stride,
         encoding=encoding,
@@ -298,6 +299,18 @@ def calibrate(
     )
     curves = [_curve_at(index, kept[index], g) for index in sorted(kept)]
     return calibration, curves
+
+
+def _positive_divergence(d: torch.Tensor) -> torch.Tensor:
+    """D per map channel, floored at the smallest normal float32 with a warning.
+
+    D = 0 means no unhealthy validation slice showed any divergence (an untrained or collapsed model);
+    the dynamic threshold divides by D, so it is floored, which puts every slice at the 0.90 quantile.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    if bool((d <= tiny).any()):
+        warnings.warn(f"calibration: D = {d.tolist()} has zero entries (no divergence on unhealthy slices); floored to {tiny:.3g}")
+    return d.clamp_min(tiny)
 
 
 def _keep_curves(

@@ -34,7 +34,7 @@ from anofpdm_monai.metrics import (
 )
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
-from data_prep.readers import detect_layout, read_cases
+from data_prep.readers import LESION_LABELS, detect_layout, read_cases
 
 BASELINES = ("ddib", "threshold")
 ALL_METHODS = (*ANOFPDM_METHODS, *BASELINES)
@@ -77,6 +77,7 @@ class Cohort:
             if layout is None:
                 raise InputError(f"{self.source}: neither a preprocessed store nor a known raw cohort layout")
             self.store = None
+            self.allowed_labels = LESION_LABELS.get(layout)
             self.records = {r.case_id: r for r in read_cases(self.source, layout)}
             self.case_ids = sorted(self.records)
 
@@ -88,7 +89,7 @@ class Cohort:
         record = self.records[case_id]
         if record.label is None:
             raise InputError(f"{case_id}: no lesion file; evaluation needs ground truth")
-        case = self.inferer.preprocess(list(record.channels.values()), record.label)
+        case = self.inferer.preprocess(list(record.channels.values()), record.label, self.allowed_labels)
         return EvalCase(case_id, case.images, case.masks, case.geometry.slice_indices, case.geometry, record.label)
 
 

@@ -253,8 +253,16 @@ class VolumeInferer(Inferer):
     def model_config(self) -> ModelConfig:
         return self.config
 
-    def preprocess(self, channel_paths: Sequence[str | Path], label_path: str | Path | None = None) -> PreprocessedCase:
-        """Apply the model's own preprocessing chain (the one its store was built with)."""
+    def preprocess(
+        self,
+        channel_paths: Sequence[str | Path],
+        label_path: str | Path | None = None,
+        allowed_labels: Sequence[int] | None = None,
+    ) -> PreprocessedCase:
+        """Apply the model's own preprocessing chain (the one its store was built with).
+
+        ``allowed_labels``: the lesion labels the layout defines (e.g. BraTS 1, 2, 4); other values are refused.
+        """
         expected = self.config.preprocess.channel_names
         if len(channel_paths) != len(expected):
             first = Path(channel_paths[0]) if channel_paths else self.model_dir
@@ -270,6 +278,7 @@ class VolumeInferer(Inferer):
             percentile=p.percentile,
             min_brain_fraction=p.min_brain_fraction,
             register_to=p.register_to,
+            allowed_labels=allowed_labels,
         )
 
     def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None) -> VolumeResult:  # type: ignore[override]
@@ -290,15 +299,20 @@ class VolumeInferer(Inferer):
 
         out_dir = Path(out_dir)
         reference = nib.load(str(result.case.geometry.reference))
-        written = [
-            save_like(result.anomaly, reference, out_dir / f"{case_id}_anomaly.nii.gz", np.float32),
-        ]
-        if save_png:
-            from anofpdm_monai.visualize import save_overlay
+        written: list[Path] = []
+        try:
+            written.append(save_like(result.anomaly, reference, out_dir / f"{case_id}_anomaly.nii.gz", np.float32))
+            if save_png:
+                from anofpdm_monai.visualize import save_overlay
 
-            written.append(save_overlay(result.case.images, result.slices.maps, result.slices.masks, out_dir / f"{case_id}.png"))
-        # The mask is written last: its presence marks the case as finished (for --continue).
-        written.append(save_like(result.mask, reference, out_dir / f"{case_id}.nii.gz", np.uint8))
+                png = out_dir / f"{case_id}.png"
+                written.append(save_overlay(result.case.images, result.slices.maps, result.slices.masks, png))
+            # The mask is written last: its presence marks the case as finished (for --continue).
+            written.append(save_like(result.mask, reference, out_dir / f"{case_id}.nii.gz", np.uint8))
+        except BaseException:
+            for path in written:  # a failed case leaves no partial outputs behind
+                path.unlink(missing_ok=True)
+            raise
         return written
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
         (results / "cases").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{results}: cannot create the results folder ({err.strerror}); choose a writable -o") from err
+    if world > 1 and args.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per torchrun process: without this every rank runs on cuda:0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     inferer = VolumeInferer(
         resolve_model(args.model), steps=args.steps, stride=args.stride, batch_size=args.batch_size,
         device=args.device, seed=args.seed,
@@ -56,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
     if "ddib" in methods:
         evaluator.ddib_threshold = ddib_threshold(evaluator, cohort, args, results)
     keep = slice_subset(cohort, args.max_slices, args.seed)
-    mine = cohort.case_ids[part_id::num_parts]
+    # cases that --max-slices leaves without a slice are not part of the run (they would never get a file)
+    expected = [c for c in cohort.case_ids if keep is None or len(keep.get(c, ())) > 0]
+    mine = expected[part_id::num_parts]
     failed = 0
     for case_id in tqdm(mine, desc=f"evaluate {part_id + 1}/{num_parts}" if num_parts > 1 else "evaluate", unit="case"):
         if args.resume and evaluator.case_file(case_id).is_file():
             continue
         try:
-            case = select_slices(cohort.load(case_id), None if keep is None else keep.get(case_id, np.array([], int)))
+            case = select_slices(cohort.load(case_id), None if keep is None else keep[case_id])
             if len(case.slice_indices) == 0:
                 continue
             evaluator.evaluate_case(case)
@@ -73,13 +81,14 @@ def run(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            # the ranks meet only once all their cases are done: allow for very uneven parts (default: 30 min)
+            dist.init_process_group("gloo", timeout=timedelta(hours=24))
         dist.barrier()
         if rank != 0:
             return 1 if failed else 0
-    done = [c for c in cohort.case_ids if evaluator.case_file(c).is_file()]
-    if len(done) < len(cohort.case_ids) - failed and world == 1 and num_parts > 1:
-        print(f"{len(done)} of {len(cohort.case_ids)} cases done; the summary is written when every part has finished")
+    done = [c for c in expected if evaluator.case_file(c).is_file()]
+    if len(done) < len(expected) - failed and world == 1 and num_parts > 1:
+        print(f"{len(done)} of {len(expected)} cases done; the summary is written when every part has finished")
         return 1 if failed else 0
     if not done:
         raise InputError(f"{args.input}: no case could be evaluated")

@@ -63,9 +63,18 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = inferer(list(record.channels.values()))
             inferer.write(result, out_dir, record.case_id, save_png=args.save_png)
-        except (InputError, OSError) as err:
+        except InputError as err:
             failed += 1
             tqdm.write(f"anofpdm segment: error: {record.case_id}: {err}", file=sys.stderr)
+            continue
+        except OSError as err:  # reading errors are InputErrors: this is writing the outputs
+            failed += 1
+            target = err.filename2 or err.filename or out_dir
+            tqdm.write(
+                f"anofpdm segment: error: {record.case_id}: cannot write {target} ({err.strerror or err}); "
+                f"make sure -o {out_dir} is writable, has free space and holds no folder of that name",
+                file=sys.stderr,
+            )
             continue
         unhealthy = int(result.slices.predicted_unhealthy.sum())
         tqdm.write(

@@ -10,7 +10,7 @@ import torch
 
 from data_prep.phantom import generate_cohort
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests run tiny tensors; one thread avoids oversubscription with subprocesses
 
 
 @pytest.fixture(scope="session")
