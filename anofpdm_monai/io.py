@@ -115,10 +115,8 @@ def load_nifti(path: str | Path, *, allow_4d_singleton: bool = True) -> tuple[np
     if data.ndim == 4 and allow_4d_singleton and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(
-            f"{path}: expected a 3-D volume, found {data.ndim}-D with shape {data.shape}; "
-            "split 4-D series into one 3-D file per sequence"
-        )
+        fix = "split 4-D series into one 3-D file per sequence" if data.ndim > 3 else "give the whole 3-D volume, not a single slice"
+        raise InputError(f"{path}: expected a 3-D volume, found {data.ndim}-D with shape {data.shape}; {fix}")
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: {bad} NaN or infinite voxels; fix or mask them (e.g. set them to 0) and retry")

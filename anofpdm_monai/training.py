@@ -259,9 +259,14 @@ def save_checkpoint(
     step: int,
     log_rows: list[dict],
 ) -> None:
-    """Write config.json, model.pt (EMA weights), train_state.pt and log.csv, each atomically."""
+    """Write config.json, model.pt (EMA weights), log.csv and train_state.pt, each atomically.
+
+    train_state.pt comes last: whenever it exists, the files it is resumed with hold its step or a later one
+    (a kill between two of these writes loses no log rows; resume drops rows past the checkpoint's step).
+    """
     config.save(model_dir / "config.json")
     atomic_torch_save({k: v.detach().cpu() for k, v in ema.state_dict().items()}, model_dir / "model.pt")
+    atomic_save_dataframe(pd.DataFrame(log_rows, columns=LOG_COLUMNS), model_dir / "log.csv")
     atomic_torch_save(
         {
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -271,4 +276,3 @@ def save_checkpoint(
         },
         model_dir / "train_state.pt",
     )
-    atomic_save_dataframe(pd.DataFrame(log_rows, columns=LOG_COLUMNS), model_dir / "log.csv")

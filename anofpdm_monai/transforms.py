@@ -76,7 +76,7 @@ class LoadCased(MapTransform):
             else:
                 _check_same_grid(first, (path, image))
             if not np.any(array):  # checked per file so that the message names the empty channel
-                raise InputError(f"{path}: every voxel is zero; this volume holds no image")
+                raise InputError(f"{path}: every voxel is zero; this volume holds no image; re-export it or leave this case out")
             arrays.append(array)
         ref_path, ref_image = first
         affine = torch.as_tensor(ref_image.affine, dtype=torch.float64)
@@ -87,11 +87,19 @@ class LoadCased(MapTransform):
             label_path = Path(d["label"])
             label, label_image = load_nifti(label_path)
             _check_same_grid(first, (label_path, label_image))
-            values = set(np.unique(label).astype(int).tolist())
+            unique = np.unique(label)
+            odd = unique[(unique < 0) | (unique != np.round(unique))]
+            if odd.size:
+                raise InputError(
+                    f"{label_path}: unexpected label values {[float(f'{v:.4g}') for v in odd[:5]]} (a lesion mask holds non-negative integers); "
+                    "give the lesion mask (not a probability map or an image) or leave this case out"
+                )
+            values = set(unique.astype(int).tolist())
             if self.allowed_labels is not None and not values <= self.allowed_labels | {0}:
                 raise InputError(
                     f"{label_path}: unexpected label values {sorted(values - self.allowed_labels - {0})}; "
-                    f"expected {sorted(self.allowed_labels | {0})} (all non-zero labels are merged into one lesion class)"
+                    f"expected {sorted(self.allowed_labels | {0})} (all non-zero labels are merged into one lesion class); "
+                    "relabel the mask to those values or leave this case out"
                 )
             d["label"] = MetaTensor(torch.from_numpy((label > 0).astype(np.float32))[None], affine=affine)
         else:
@@ -279,7 +287,10 @@ def preprocess_case(
     brain_fraction = (image != 0).any(dim=0).float().mean(dim=(0, 1))  # (Z,)
     keep = torch.nonzero(brain_fraction >= min_brain_fraction).flatten()
     if keep.numel() == 0:
-        raise InputError(f"{data['reference']}: no slice has brain tissue (>= {min_brain_fraction:.0%} non-zero pixels)")
+        raise InputError(
+            f"{data['reference']}: no slice has brain tissue (>= {min_brain_fraction:.0%} non-zero pixels); "
+            "check that this is a brain volume with zero background (skull-stripped), or leave this case out"
+        )
     slices = scale_slices(resize_slices(image[..., keep], image_size))
     masks = None
     if "label" in data:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ BRATS_MAP_CHANNELS = ("flair", "t2")
 ATLAS_SUFFIX = "_T1w.nii.gz"
 ATLAS_MASK_SUFFIX = "_label-L_desc-T1lesion_mask.nii.gz"
 NNUNET_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+# The lesion labels each layout defines; a mask holding other values is refused (all are merged into one class).
+LESION_LABELS = {"brats": (1, 2, 4), "atlas": (1,)}
 
 
 @dataclass
@@ -80,11 +83,16 @@ def read_nnunet(root: str | Path) -> list[CaseRecord]:
             files.setdefault(match["case"], {})[int(match["channel"])] = path
     if not files:
         raise InputError(f"{images}: no nnU-Net 'CASE_0000.nii.gz' files found; {_describe(images)}")
-    names = _nnunet_channel_names(root, max(len(c) for c in files.values()))
+    # The cohort's channel count: dataset.json's if it has one, else the most common count (ties: the larger).
+    # One odd case must not change the channels of every other case: its missing files are reported at load,
+    # and its extra files are kept so that the channel-count check names the case.
+    counts = Counter(max(c) + 1 for c in files.values())
+    names = _nnunet_channel_names(root, None) or _nnunet_channel_names(root, max(counts, key=lambda n: (counts[n], n)))
     labels_dir = images.parent / images.name.replace("images", "labels")
     records = []
     for case, by_index in files.items():
         channels = {name: by_index.get(i, images / f"{case}_{i:04d}.nii.gz") for i, name in enumerate(names)}
+        channels.update({f"ch{i:04d}": path for i, path in sorted(by_index.items()) if i >= len(names)})
         label = _first(labels_dir, f"{case}.nii")
         records.append(CaseRecord(case, channels, label if label.exists() else None))
     return records
@@ -169,15 +177,20 @@ def _first(folder: Path, stem: str) -> Path:
     return gz if gz.exists() or not (folder / stem).exists() else folder / stem
 
 
-def _nnunet_channel_names(root: Path, count: int) -> tuple[str, ...]:
-    """Channel names from nnU-Net's dataset.json (v2 ``channel_names`` or v1 ``modality``), else ch0000..."""
+def _nnunet_channel_names(root: Path, count: int | None) -> tuple[str, ...]:
+    """Channel names from nnU-Net's dataset.json (v2 ``channel_names`` or v1 ``modality``), else ch0000...
+
+    ``count=None``: all of dataset.json's channels, or () when there is no dataset.json.
+    """
     for candidate in (root / "dataset.json", root.parent / "dataset.json"):
         if candidate.is_file():
             meta = json.loads(candidate.read_text())
             names = meta.get("channel_names") or meta.get("modality") or {}
+            if count is None:
+                count = len(names)
             if len(names) >= count:
                 return tuple(str(names[str(i)]).lower() for i in range(count))
-    return tuple(f"ch{i:04d}" for i in range(count))
+    return tuple(f"ch{i:04d}" for i in range(count or 0))
 
 
 def records_for_inference(inputs: list[str | Path]) -> list[CaseRecord]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import multiprocessing
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -17,9 +18,7 @@ from anofpdm_monai.config import PreprocessConfig
 from anofpdm_monai.data import assign_splits, case_done, write_case, write_manifest, write_settings
 from anofpdm_monai.io import InputError, atomic_save_dataframe
 from anofpdm_monai.transforms import preprocess_case
-from data_prep.readers import DEFAULT_MAP_CHANNELS, CaseRecord, read_cases
-
-LESION_LABELS = {"brats": (1, 2, 4), "atlas": (1,)}
+from data_prep.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple[str, str | None]:
     """Preprocess and store one case; return (case id, error line or None)."""
     try:
+        if tuple(record.channels) != config.channel_names:
+            extra = [str(path) for name, path in record.channels.items() if name not in config.channel_names]
+            raise InputError(
+                f"{extra[0] if extra else record.case_id}: case {record.case_id} has {len(record.channels)} channel files "
+                f"({', '.join(record.channels)}) but the cohort's cases have {len(config.channel_names)} "
+                f"({', '.join(config.channel_names)}); give every case the same channels"
+            )
         case = preprocess_case(
             list(record.channels.values()),
             record.label,
@@ -57,7 +63,7 @@ def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple
 def run(args: argparse.Namespace) -> int:
     split = _parse_split(args.split)
     records = read_cases(args.input, args.dataset)
-    channel_names = tuple(records[0].channels)
+    channel_names = Counter(tuple(r.channels) for r in records).most_common(1)[0][0]  # one odd case must not decide
     map_channels = tuple(args.map_channels.split(",")) if args.map_channels else DEFAULT_MAP_CHANNELS.get(
         args.dataset, channel_names
     )

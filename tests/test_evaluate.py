@@ -162,7 +162,7 @@ def test_ddib_baseline_is_tuned_on_validation_pixel_labels(model, brats_store, t
     assert summary["ddib"]["uses_pixel_labels"] and not summary["anofpdm-ddim"]["uses_pixel_labels"]
     assert summary["ddib"]["calls_per_slice"] == 3  # depth 40, stride 20: one inversion call, two guided decoding calls
     markdown = (results / "summary.md").read_text()
-    assert "| ddib † |" in markdown and "† threshold tuned with pixel labels on the validation split." in markdown
+    assert "| ddib † |" in markdown and "† uses pixel labels: ddib's threshold is tuned on validation masks" in markdown
     slices = pd.read_csv(results / "slices.csv")
     ddib = slices[slices["method"] == "ddib"]
     assert len(ddib) == 6 and ddib["pred_label"].isna().all()
