@@ -135,6 +135,19 @@ class PreprocessedStore:
             raise ValueError(f"split={split!r}; choose one of {SPLITS}")
         return self.manifest[self.manifest["split"] == split]
 
+    def sample_rows(self, split: str, max_rows: int, seed: int, purpose: str) -> pd.DataFrame:
+        """A seeded sample of at most ``max_rows`` manifest rows of ``split`` (in manifest order).
+
+        Raises:
+            InputError: the split is empty (``purpose`` says what the rows were wanted for).
+        """
+        rows = self.rows(split)
+        if rows.empty:
+            raise InputError(f"{self.root}: the '{split}' split holds no slices, needed {purpose}; preprocess with a --split that gives {split} patients")
+        if len(rows) > max_rows:
+            rows = rows.sample(n=max_rows, random_state=seed).sort_index()
+        return rows
+
     def case_meta(self, patient: str) -> dict:
         return json.loads((self.root / "cases" / f"{patient}.json").read_text())
 

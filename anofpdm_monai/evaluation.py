@@ -313,11 +313,7 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
 
 def tune_ddib_threshold(evaluator: CohortEvaluator, store: PreprocessedStore, max_slices: int, seed: int) -> float:
     """The ``ddib`` baseline's map threshold, tuned on validation slices WITH pixel labels (as such methods are)."""
-    rows = store.rows("val")
-    if rows.empty:
-        raise InputError(f"{store.root}: no validation split to tune the ddib threshold on; drop ddib from --methods")
-    if len(rows) > max_slices:
-        rows = rows.sample(n=max_slices, random_state=seed).sort_index()
+    rows = store.sample_rows("val", max_slices, seed, "to tune the ddib threshold (or drop ddib from --methods)")
     images, masks, _ = store.load_slices(rows)
     maps, _ = evaluator.ddib_maps(images)
     return tune_pixel_threshold(maps, masks, brain_foreground(images))

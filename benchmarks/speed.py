@@ -11,6 +11,7 @@ a phantom test store (build one with benchmarks/accuracy.py, or any store of the
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -70,9 +71,11 @@ def main() -> None:
         volume.write(result, Path(tmp) / "out", record.case_id)
         end_to_end = time.perf_counter() - start
     e2e = {"seconds": end_to_end, "brain_slices": len(result.slices.sim), "shape": list(result.mask.shape),
-           "stride": base.stride, "calls_per_slice": result.slices.network_calls, "batch_size": args.batch_size}  # fmt: skip
+           "stride": base.stride, "calls_per_slice": result.slices.network_calls, "batch_size": args.batch_size,
+           "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # fmt: skip
     print(f"\none 240x240x155 phantom volume end to end (load, infer, write): {end_to_end:.1f} s, "
-          f"{e2e['brain_slices']} brain slices, k={base.stride}, {e2e['calls_per_slice']} calls per slice")
+          f"{e2e['brain_slices']} brain slices, k={base.stride}, {e2e['calls_per_slice']} calls per slice, "
+          f"peak RSS of this process {e2e['peak_rss_mb_process']:.0f} MB")
     write_json(args.out, {"benchmark": "speed", "args": vars(args), "strides": table, "volume_end_to_end": e2e})
 
 

@@ -30,11 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validation_sample(store: PreprocessedStore, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded sample of at most ``n_val`` validation slices and their image-level labels (no masks used)."""
-    rows = store.rows("val")
-    if rows.empty:
-        raise InputError(f"{store.root}: the store has no validation slices; preprocess with a --split that gives val patients")
-    if len(rows) > n_val:
-        rows = rows.sample(n=n_val, random_state=seed).sort_index()
+    rows = store.sample_rows("val", n_val, seed, "for calibration")
     images, _, labels = store.load_slices(rows)
     return images, labels
 
