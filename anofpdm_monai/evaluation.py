@@ -21,7 +21,7 @@ import torch
 
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.inferers import ANOFPDM_METHODS, SliceInferer, VolumeInferer, load_calibration
+from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, SliceInferer, VolumeInferer, load_calibration
 from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_write_bytes, atomic_write_text
 from anofpdm_monai.metrics import (
     PooledAUPRC,
@@ -123,7 +123,7 @@ class CohortEvaluator:
         *,
         ddib_threshold: float | None = None,
         ddib_depth: int = 400,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int = 0,
         outputs_dir: str | Path | None = None,
     ) -> None:

@@ -29,6 +29,11 @@ from anofpdm_monai.segmentation import segment
 from anofpdm_monai.training import resolve_device
 from anofpdm_monai.transforms import PreprocessedCase, preprocess_case, slices_to_volume
 
+# Slices per forward process. Each network call sees 2 x this many inputs; 8 slices (16 inputs of
+# 64 x 64) was the fastest per slice on 2 CPU cores (10.5 ms per input against 26 ms at 200 inputs,
+# where activations overflow the caches). Raise it on a GPU.
+DEFAULT_BATCH_SIZE = 8
+
 # method name -> (encoding, map variant)
 ANOFPDM_METHODS = {
     "anofpdm-ddim": ("ddim", "aggregated"),
@@ -111,7 +116,7 @@ class SliceInferer(Inferer):
         steps: int | None = None,
         stride: int | None = None,
         setup: str = "mixed",
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool = False,
@@ -218,7 +223,7 @@ class VolumeInferer(Inferer):
         method: str = "anofpdm-ddim",
         steps: int | None = None,
         stride: int | None = None,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         device: str = "auto",
         seed: int = 0,
         keep_3d_components: int = 0,

@@ -9,7 +9,7 @@ import torch
 
 from anofpdm_monai.calibration import calibrate, plot_calibration
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.inferers import calibration_path
+from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, calibration_path
 from anofpdm_monai.io import InputError
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder
 from anofpdm_monai.training import resolve_device
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=600, help="forward-step budget N")
     parser.add_argument("--stride", type=int, default=1, help="visit every k-th step (fast mode: k > 1)")
     parser.add_argument("--encoding", choices=["ddim", "ddpm"], default="ddim")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
 

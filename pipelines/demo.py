@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from anofpdm_monai.bundled import bundled_model_dir
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, merge_results
-from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from data_prep.phantom import generate_cohort
 
 DEMO_SEED = 2026  # the bundled model was trained on seed 1 and benchmarked on seed 2
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="anofpdm_demo", help="folder for the demo's files")
     parser.add_argument("--cases", type=int, default=3, help="phantom patients to generate and segment")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
 
 
 def run(args: argparse.Namespace) -> int:

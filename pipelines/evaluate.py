@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from anofpdm_monai.evaluation import ALL_METHODS, Cohort, CohortEvaluator, merge_results, select_slices, tune_ddib_threshold
-from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
 from pipelines.segment import resolve_model
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-slices", type=int, default=None, help="evaluate a seeded subset of this many slices")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--stride", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument("--ddib-depth", type=int, default=400, help="encoding depth of the ddib baseline")
     parser.add_argument("--val-data", default=None, help="store whose val split tunes the ddib threshold")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

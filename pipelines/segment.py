@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from anofpdm_monai.inferers import ANOFPDM_METHODS, VolumeInferer
+from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError
 from data_prep.readers import records_for_inference
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(ANOFPDM_METHODS))
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: calibrated)")
     parser.add_argument("--stride", type=int, default=None, help="stride k (default: calibrated)")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per batch; bounds memory")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-png", action="store_true", help="also write CASE.png overlays")
