@@ -81,6 +81,7 @@ def main() -> None:
     report_dir = Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # no rank tears the group down while the other still talks to it (gloo aborts then)
     dist.destroy_process_group()
 
 
