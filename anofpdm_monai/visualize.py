@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from anofpdm_monai.io import atomic_write_bytes

@@ -8,7 +8,6 @@ subprocess and reports its peak resident set size (CPU) or peak CUDA allocation.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

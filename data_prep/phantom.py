@@ -192,7 +192,6 @@ class PhantomCase:
     # --- synthesis ------------------------------------------------------------------------------
     def generate(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Return ({channel: (X, Y, Z) float32 image}, (X, Y, Z) uint8 label map)."""
-        t = self.template
         m, b = self._random_affine()
         lesions = self._pick_lesions(m, b)
         self.box = self._brain_box(m, b)
@@ -213,20 +212,15 @@ class PhantomCase:
         )
         tissue = self._sample_template(source)  # (4, X, Y, Z): wm, gm, csf, brain
         brain = tissue[3] > 0.5
-        labels = torch.zeros(self.shape, dtype=torch.uint8)
         memberships: dict[int, torch.Tensor] = {}
         for lesion in lesions:
             level = self._lesion_level(world, lesion)
             for label, member in self._lesion_parts(level, lesion, tissue).items():
-                member = member & brain
-                labels[member] = torch.maximum(labels[member], torch.tensor(label, dtype=torch.uint8))
-                memberships[label] = memberships.get(label, torch.zeros(self.shape, dtype=torch.bool)) | member
-        if self.layout == "brats":
-            # Priority as in BraTS: enhancing over necrosis over oedema.
-            labels = torch.zeros(self.shape, dtype=torch.uint8)
-            for label in (2, 1, 4):
-                if label in memberships:
-                    labels[memberships[label] & brain] = label
+                memberships[label] = memberships.get(label, torch.zeros(self.shape, dtype=torch.bool)) | (member & brain)
+        labels = torch.zeros(self.shape, dtype=torch.uint8)
+        for label in (2, 1, 4):  # BraTS priority: enhancing over necrosis over oedema (ATLAS has label 1 only)
+            if label in memberships:
+                labels[memberships[label]] = label
         images = self._contrast(tissue, labels, brain)
         return {name: self._paste(img.numpy()) for name, img in images.items()}, self._paste(labels.numpy())
 

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     if not done:
         raise InputError(f"{args.input}: no case could be evaluated")
-    rows = merge_results(results, done, methods)
+    merge_results(results, done, methods)
     print((results / "summary.md").read_text())
     print(f"tables: {results / 'slices.csv'}, {results / 'cases.csv'}, {results / 'summary.json'}")
     if failed:
