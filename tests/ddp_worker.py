@@ -23,7 +23,7 @@ from anofpdm_monai.io import InputError
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names and exact bytes of a state dict (test_training.py uses the same)."""
+    """SHA-256 over the names and exact bytes of a state dict (test_training.py imports it)."""
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())

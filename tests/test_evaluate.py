@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from anofpdm_monai.baselines import tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
@@ -29,15 +28,6 @@ SLICE_COLUMNS = ["case", "slice", "label", "pred_label", "dice", "iou", "lesion_
                  "quantile", "threshold", "method"]  # fmt: skip
 TIMING = ("seconds", "seconds_per_slice")
 CHEAP = ("--methods", "anofpdm-ddim,anofpdm-ddim-last,threshold")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small CPU convolutions gain nothing from a second thread, and lose a lot on a busy machine (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

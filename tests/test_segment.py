@@ -184,15 +184,6 @@ def segment(*args: str) -> int:
     return main(["segment", *[str(a) for a in args], "--device", "cpu"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small CPU convolutions gain nothing from a second thread, and lose a lot on a busy machine (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("segment_models") / "brats4")

@@ -8,7 +8,6 @@ store so that a step takes milliseconds; the real presets are checked for shape 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,9 @@ from anofpdm_monai.networks import (
 )
 from anofpdm_monai.training import TrainSettings, train
 from pipelines.cli import main as cli_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_worker import state_hash  # noqa: E402  (one hash for this file and the DDP worker)
 
 TESTS = Path(__file__).resolve().parent
 MICRO = dict(
@@ -118,13 +120,6 @@ def micro_model(micro_store: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return train(settings(micro_store, tmp_path_factory.mktemp("micro_model") / "model", steps=2, checkpoint_every=2))
 
 
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """Same hash as tests/ddp_worker.py."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Payload:
