@@ -156,9 +156,8 @@ class CohortEvaluator:
     def ddib_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         """DDIB reconstruction maps (N, S, S) in batches, and calls per slice."""
         maps, calls = [], 0
-        w = next(iter(self.slice_inferers.values())).calibration.w if self.slice_inferers else load_calibration(
-            self.inferer.model_dir, "ddim").w
-        stride = self.inferer.slice_inferer.stride
+        base = self.inferer.slice_inferer  # the model's calibrated w and stride serve the baseline too
+        w, stride = base.calibration.w, base.stride
         for start in range(0, images.shape[0], self.batch_size):
             x0 = images[start : start + self.batch_size].to(self.inferer.device)
             result = ddib_reconstruction(

@@ -21,7 +21,6 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from anofpdm_monai.calibration import Calibration
-from anofpdm_monai.config import ModelConfig
 from anofpdm_monai.forward_process import run_forward_process
 from anofpdm_monai.io import InputError, save_like
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder
@@ -253,10 +252,6 @@ class VolumeInferer(Inferer):
         )
         self.variant = variant
         self.keep_3d_components = keep_3d_components
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.config
 
     def preprocess(
         self,

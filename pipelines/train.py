@@ -51,5 +51,11 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
     )
-    print(f"model folder: {train(settings)}")
+    model_dir = train(settings)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun: leave the group cleanly before the interpreter exits
+        dist.barrier()
+        dist.destroy_process_group()
+    print(f"model folder: {model_dir}")
     return 0

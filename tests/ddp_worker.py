@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -82,6 +83,9 @@ def main() -> None:
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()  # no rank tears the group down while the other still talks to it (gloo aborts then)
     dist.destroy_process_group()
+    # gloo's worker threads can abort in C++ destructors at interpreter shutdown (std::terminate, seen
+    # intermittently on CPU); everything this test checks is on disk by now, so skip those destructors.
+    os._exit(0)
 
 
 if __name__ == "__main__":

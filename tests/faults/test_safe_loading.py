@@ -59,12 +59,17 @@ def _segment_refused(model: Path, case: Path, tmp_path: Path, pattern: str) -> s
     return found[0]
 
 
+def _poison(checkpoint, marker):
+    """Add a pickled object that creates ``marker`` when unpickled; return ``marker``."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["extra"] = Payload(marker)
+    torch.save(state, checkpoint)
+    return marker
+
+
 def test_model_with_code_payload_is_refused_and_not_run(tiny_model, case, tmp_path):
     model = _model_copy(tiny_model, tmp_path)
-    marker = tmp_path / "payload_ran"
-    state = torch.load(model / "model.pt", weights_only=True)
-    state["extra"] = Payload(marker)
-    torch.save(state, model / "model.pt")
+    marker = _poison(model / "model.pt", tmp_path / "payload_ran")
     line = _segment_refused(model, case, tmp_path, r"refused to load: it is not a weights-only checkpoint")
     assert "torch.save(model.state_dict())" in line  # the fix
     assert not marker.exists(), "loading model.pt ran code from the pickle"
@@ -96,10 +101,7 @@ def test_weights_of_another_channel_count_are_refused(tiny_model, tmp_path):
 
 def test_resume_refuses_a_train_state_with_code(tiny_model, brats_store, tmp_path):
     model = _model_copy(tiny_model, tmp_path)
-    marker = tmp_path / "payload_ran"
-    state = torch.load(model / "train_state.pt", weights_only=True)
-    state["extra"] = Payload(marker)
-    torch.save(state, model / "train_state.pt")
+    marker = _poison(model / "train_state.pt", tmp_path / "payload_ran")
     code, _, err = V.run_cli(["train", "-d", str(brats_store), "-o", str(model), "--steps", "4", "--batch-size", "2",
                               "--resume", "--device", "cpu"])  # fmt: skip
     assert code != 0
