@@ -4,6 +4,14 @@ For every candidate guidance strength w the health threshold ``thr_01(w)`` and i
 chosen; the selected ``w*`` is the largest w within 99 % of the best accuracy so far; ``D[m]`` is the
 largest ``dmax[m]`` of the unhealthy validation slices at ``w*``. One forward process per batch of
 validation slices evaluates the whole w grid (see :func:`anofpdm_monai.forward_process.run_forward_process`).
+
+Optionally (the project's extension, off by default) several forward-step budgets N are candidates
+too: the statistics of a budget N' < N are those of the first visited steps of a run with budget N
+(the noised trajectory does not depend on N), so one run with the largest budget evaluates them all.
+Each budget gets its own w* by the rule above, and the budget whose accuracy at its w* is highest is
+kept (ties go to the larger budget). Image-level labels only, as for w. (With DDPM encoding the
+candidates share the largest budget's noise draws, so a smaller budget sees other random numbers
+than a run with that budget alone would: statistically the same, not bit-identical.)
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
+from anofpdm_monai.forward_process import run_forward_process, visited_timesteps
 from anofpdm_monai.guidance import EpsPredictor
 from anofpdm_monai.io import atomic_write_bytes
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
@@ -41,14 +49,16 @@ class Calibration:
         w: selected guidance strength w*.
         thr_01: health threshold at w* (a slice is unhealthy iff sim <= thr_01).
         D: per map channel, the largest dmax over unhealthy validation slices at w*.
-        steps: forward-step budget N used.
+        steps: forward-step budget N used (the selected one when several were candidates).
         stride: visited-step stride k used.
         encoding: ``"ddim"`` or ``"ddpm"``.
         map_channels: map channel names if known, else their indices.
         map_channel_indices: indices of the map channels into the input channels.
         w_grid: candidate strengths, ascending.
-        accuracy: validation accuracy per candidate w.
-        thresholds: thr_01 per candidate w.
+        accuracy: validation accuracy per candidate w, at the budget ``steps``.
+        thresholds: thr_01 per candidate w, at the budget ``steps``.
+        steps_grid: candidate budgets N, ascending (``[steps]`` when only one was given).
+        accuracy_by_steps: validation accuracy per candidate budget (rows) and w (columns).
         n_val: number of validation slices.
         n_val_healthy: of which labelled healthy.
         n_val_unhealthy: of which labelled unhealthy.
@@ -67,6 +77,8 @@ class Calibration:
     w_grid: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
+    steps_grid: list[int] = field(default_factory=list)
+    accuracy_by_steps: list[list[float]] = field(default_factory=list)
     n_val: int = 0
     n_val_healthy: int = 0
     n_val_unhealthy: int = 0
@@ -110,9 +122,9 @@ class DivergenceCurve:
     Attributes:
         index: position of the slice in the validation set.
         label: image-level label (HEALTHY or UNHEALTHY).
-        timesteps: (K,) visited timesteps.
+        timesteps: (K,) visited timesteps (up to the largest candidate budget).
         divergence: (K, M) divergence d per visited step and map channel.
-        end_step: (M,) end step t_e per map channel, as a timestep.
+        end_step: (M,) end step t_e per map channel at the selected budget, as a timestep.
     """
 
     index: int
@@ -174,6 +186,22 @@ def select_guidance(w_grid: Sequence[float], accuracies: Sequence[float]) -> flo
     return selected
 
 
+def select_budget(steps_grid: Sequence[int], accuracies: Sequence[float]) -> int:
+    """Selected forward-step budget: the one whose accuracy (each at its own w*) is highest; ties to the larger.
+
+    Args:
+        steps_grid: (B,) candidate budgets N, distinct.
+        accuracies: (B,) validation accuracy of each budget at its selected w.
+
+    Returns:
+        N*.
+    """
+    if len(steps_grid) == 0 or len(steps_grid) != len(accuracies):
+        raise ValueError(f"steps_grid {list(steps_grid)} and accuracies {list(accuracies)} must be non-empty and of equal length")
+    best = max(float(a) for a in accuracies)
+    return max(int(n) for n, a in zip(steps_grid, accuracies) if float(a) == best)
+
+
 def _check_both_classes(n_healthy: int, n_unhealthy: int) -> None:
     """Raise a ValueError naming the missing class of validation slices."""
     missing = [name for name, n in (("healthy", n_healthy), ("unhealthy", n_unhealthy)) if n == 0]
@@ -185,9 +213,13 @@ def _check_both_classes(n_healthy: int, n_unhealthy: int) -> None:
 
 
 def _check_calibration_inputs(
-    slices: torch.Tensor, labels: torch.Tensor, w_grid: Sequence[float], batch_size: int
+    slices: torch.Tensor, labels: torch.Tensor, w_grid: Sequence[float], steps_grid: Sequence[int], batch_size: int
 ) -> None:
     """Raise a ValueError naming the first invalid input of :func:`calibrate`."""
+    if len(steps_grid) == 0:
+        raise ValueError("steps is empty: give at least one forward-step budget N")
+    if len(set(steps_grid)) != len(steps_grid):
+        raise ValueError(f"steps {list(steps_grid)} holds duplicates")
     if len(w_grid) == 0:
         raise ValueError("w_grid is empty: give at least one guidance strength")
     if len(set(float(w) for w in w_grid)) != len(w_grid):
@@ -210,7 +242,7 @@ def calibrate(
     labels: torch.Tensor,
     *,
     w_grid: Sequence[float],
-    steps: int = 600,
+    steps: int | Sequence[int] = 600,
     stride: int = 1,
     encoding: str = "ddim",
     map_channels: Sequence[int] = (0,),
@@ -222,10 +254,11 @@ def calibrate(
     include_end_step: bool = True,
     inversion: str = "reference",
 ) -> tuple[Calibration, list[DivergenceCurve]]:
-    """Calibrate w*, thr_01 and D on validation slices (ALGORITHM.md section 6).
+    """Calibrate w*, thr_01 and D (and optionally N) on validation slices (ALGORITHM.md section 6).
 
-    Runs the forward-process engine once per batch with the whole ``w_grid``, collecting per w and
-    slice the health similarity and dmax.
+    Runs the forward-process engine once per batch with the whole ``w_grid`` and the largest budget,
+    collecting per w and slice the error and divergence curves; similarity and dmax for every
+    candidate budget are computed from their first visited steps.
 
     Args:
         predict_eps: noise predictor ``(x (N, C, S, S), t (N,), labels (N,)) -> (N, C, S, S)``.
@@ -233,7 +266,8 @@ def calibrate(
         slices: (V, C, S, S) validation slices in [-1, 1].
         labels: (V,) image-level labels, HEALTHY or UNHEALTHY; both must occur.
         w_grid: candidate guidance strengths (sorted ascending internally).
-        steps: forward-step budget N.
+        steps: forward-step budget N (the paper: 600), or several candidate budgets to select from
+            with :func:`select_budget`.
         stride: visited-step stride k.
         encoding: ``"ddim"`` or ``"ddpm"``.
         map_channels: map channel indices in [0, C).
@@ -250,7 +284,8 @@ def calibrate(
         three healthy and three unhealthy slices (the first of each class).
     """
     labels = torch.as_tensor(labels).long().cpu()
-    _check_calibration_inputs(slices, labels, w_grid, batch_size)
+    budgets = sorted(int(n) for n in ([steps] if isinstance(steps, int) else steps))
+    _check_calibration_inputs(slices, labels, w_grid, budgets, batch_size)
     if map_channel_names is not None and len(map_channel_names) != len(map_channels):
         raise ValueError(
             f"map_channel_names {list(map_channel_names)} must name each of the map channels {list(map_channels)}"
@@ -258,46 +293,55 @@ def calibrate(
     grid = sorted(float(w) for w in w_grid)
     device = slices.device if device is None else torch.device(device)
 
-    sims, dmaxes, kept = [], [], {}
+    mse_h, mse_u, divergence = [], [], []
     starts = range(0, slices.shape[0], batch_size)
     for start in tqdm(starts, desc="calibration", disable=not progress):
         batch = slices[start : start + batch_size].to(device)
         result = run_forward_process(
-            predict_eps, batch, alphas_cumprod, guidance_scales=grid, steps=steps, stride=stride,
+            predict_eps, batch, alphas_cumprod, guidance_scales=grid, steps=budgets[-1], stride=stride,
             encoding=encoding, map_channels=map_channels, include_end_step=include_end_step,
             inversion=inversion, generator=generator,
         )  # fmt: skip
-        sims.append(health_similarity(result.mse_h, result.mse_u).cpu())  # (G, b)
-        dmaxes.append(result.dmax.cpu())  # (G, b, M)
-        _keep_curves(kept, result, labels, start)
-    sim = torch.cat(sims, dim=1)
-    dmax = torch.cat(dmaxes, dim=1)
+        mse_h.append(result.mse_h.cpu())  # (G, b, K, M)
+        mse_u.append(result.mse_u.cpu())
+        divergence.append(result.divergence.cpu())
+    mse_h, mse_u, divergence = (torch.cat(curves, dim=1) for curves in (mse_h, mse_u, divergence))
 
     healthy, unhealthy = labels == HEALTHY, labels == UNHEALTHY
-    selections = [select_threshold_01(s[healthy].numpy(), s[unhealthy].numpy()) for s in sim]
-    thresholds = [thr for thr, _ in selections]
-    accuracy = [acc for _, acc in selections]
-    w_star = select_guidance(grid, accuracy)
-    g = grid.index(w_star)
+    per_budget = []
+    for budget in budgets:
+        k = len(visited_timesteps(budget, stride))
+        sim = health_similarity(mse_h[:, :, :k], mse_u[:, :, :k])  # (G, V)
+        selections = [select_threshold_01(s[healthy].numpy(), s[unhealthy].numpy()) for s in sim]
+        accuracy = [acc for _, acc in selections]
+        w_star = select_guidance(grid, accuracy)
+        per_budget.append({"k": k, "selections": selections, "accuracy": accuracy, "w": w_star})
+    steps_star = select_budget(budgets, [p["accuracy"][grid.index(p["w"])] for p in per_budget])
+    chosen = per_budget[budgets.index(steps_star)]
+    g, k = grid.index(chosen["w"]), chosen["k"]
+    dmax = divergence[g, :, :k].amax(dim=1)  # (V, M)
     calibration = Calibration(
-        w=w_star,
-        thr_01=thresholds[g],
-        D=_positive_divergence(dmax[g][unhealthy].amax(dim=0)).tolist(),
-        steps=steps,
+        w=chosen["w"],
+        thr_01=chosen["selections"][g][0],
+        D=_positive_divergence(dmax[unhealthy].amax(dim=0)).tolist(),
+        steps=steps_star,
         stride=stride,
         encoding=encoding,
         map_channels=list(map_channel_names) if map_channel_names is not None else [int(m) for m in map_channels],
         map_channel_indices=[int(m) for m in map_channels],
         w_grid=grid,
-        accuracy=accuracy,
-        thresholds=thresholds,
+        accuracy=chosen["accuracy"],
+        thresholds=[thr for thr, _ in chosen["selections"]],
+        steps_grid=budgets,
+        accuracy_by_steps=[p["accuracy"] for p in per_budget],
         n_val=int(labels.numel()),
         n_val_healthy=int(healthy.sum()),
         n_val_unhealthy=int(unhealthy.sum()),
         include_end_step=include_end_step,
         inversion=inversion,
     )
-    curves = [_curve_at(index, kept[index], g) for index in sorted(kept)]
+    timesteps = visited_timesteps(budgets[-1], stride)
+    curves = [_divergence_curve(i, int(labels[i]), timesteps, divergence[g, i], k) for i in _curve_indices(labels)]
     return calibration, curves
 
 
@@ -313,36 +357,27 @@ def _positive_divergence(d: torch.Tensor) -> torch.Tensor:
     return d.clamp_min(tiny)
 
 
-def _keep_curves(
-    kept: dict[int, dict[str, Any]], result: ForwardProcessResult, labels: torch.Tensor, start: int
-) -> None:
-    """Store (all w) the divergence curves of the first CURVES_PER_CLASS slices of each class."""
-    for b in range(result.dmax.shape[1]):
-        index = start + b
-        label = int(labels[index])
-        if sum(1 for item in kept.values() if item["label"] == label) >= CURVES_PER_CLASS:
-            continue
-        kept[index] = {
-            "label": label,
-            "timesteps": result.timesteps.tolist(),
-            "divergence": result.divergence[:, b].cpu(),  # (G, K, M)
-            "end_step": result.end_step[:, b].cpu(),  # (G, M)
-        }
+def _curve_indices(labels: torch.Tensor) -> list[int]:
+    """Indices of the first CURVES_PER_CLASS validation slices of each class, ascending."""
+    first = [torch.nonzero(labels == label).flatten()[:CURVES_PER_CLASS] for label in (HEALTHY, UNHEALTHY)]
+    return sorted(torch.cat(first).tolist())
 
 
-def _curve_at(index: int, item: dict[str, Any], g: int) -> DivergenceCurve:
-    """The kept curve of slice ``index`` at guidance index ``g``."""
+def _divergence_curve(index: int, label: int, timesteps: list[int], divergence: torch.Tensor, k: int) -> DivergenceCurve:
+    """Curve of one slice: ``divergence`` (K, M) over all ``timesteps``; t_e taken among the first ``k`` steps."""
+    end = divergence[:k].argmax(dim=0)
     return DivergenceCurve(
         index=index,
-        label=item["label"],
-        timesteps=item["timesteps"],
-        divergence=item["divergence"][g].tolist(),
-        end_step=item["end_step"][g].tolist(),
+        label=label,
+        timesteps=list(timesteps),
+        divergence=divergence.tolist(),
+        end_step=[timesteps[int(i)] for i in end],
     )
 
 
 def plot_calibration(calibration: Calibration, curves: Sequence[DivergenceCurve], path: str | Path) -> None:
-    """Write a PNG: accuracy against w with w* marked (left); divergence curves with t_e marked (right).
+    """Write a PNG: accuracy against w (one line per candidate budget N) with w* marked (left);
+    divergence curves with t_e and the selected budget N* marked (right).
 
     The right panel shows, per kept slice, d(t) averaged over map channels, healthy in blue and
     unhealthy in red, with each map channel's end step t_e marked on the curve.
@@ -358,8 +393,13 @@ def plot_calibration(calibration: Calibration, curves: Sequence[DivergenceCurve]
     figure = Figure(figsize=(10, 4))
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
-    left.plot(calibration.w_grid, calibration.accuracy, "o-", color="black")
-    left.axvline(calibration.w, color="green", linestyle="--", label=f"w* = {calibration.w:g}")
+    if len(calibration.steps_grid) > 1:
+        for budget, accuracy in zip(calibration.steps_grid, calibration.accuracy_by_steps):
+            style = "o-" if budget == calibration.steps else ".:"
+            left.plot(calibration.w_grid, accuracy, style, label=f"N = {budget}")
+    else:
+        left.plot(calibration.w_grid, calibration.accuracy, "o-", color="black")
+    left.axvline(calibration.w, color="green", linestyle="--", label=f"w* = {calibration.w:g}, N* = {calibration.steps}")
     left.set_xlabel("guidance strength w")
     left.set_ylabel("validation accuracy (health)")
     left.legend()
@@ -374,6 +414,8 @@ def plot_calibration(calibration: Calibration, curves: Sequence[DivergenceCurve]
         right.plot(timesteps, mean_d, color=colours[curve.label], label=name)
         marks = np.searchsorted(timesteps, curve.end_step)
         right.plot(timesteps[marks], mean_d[marks], "x", color=colours[curve.label], markersize=8)
+    if curves and curves[0].timesteps[-1] >= calibration.steps:
+        right.axvline(calibration.steps, color="green", linestyle="--", label=f"N* = {calibration.steps}")
     right.set_xlabel("timestep t")
     right.set_ylabel("divergence d (mean over map channels)")
     right.set_title("d(t) at w* (x: end step t_e)")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.forward_process import run_forward_process
 from anofpdm_monai.io import InputError, save_like
-from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder
+from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16
 from anofpdm_monai.segmentation import segment
 from anofpdm_monai.training import resolve_device
 from anofpdm_monai.transforms import PreprocessedCase, preprocess_case, slices_to_volume
@@ -212,6 +212,7 @@ class VolumeInferer(Inferer):
         batch_size: slices per forward process; bounds peak memory.
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: engine seed.
+        precision: ``auto`` (bf16 where the device computes it natively, else fp32), ``fp32`` or ``bf16``.
         keep_3d_components: remove 3-D connected components of the volume mask smaller than this (voxels); 0 keeps all.
     """
 
@@ -225,6 +226,7 @@ class VolumeInferer(Inferer):
         batch_size: int = DEFAULT_BATCH_SIZE,
         device: str = "auto",
         seed: int = 0,
+        precision: str = "auto",
         keep_3d_components: int = 0,
         progress: bool = False,
     ) -> None:
@@ -238,7 +240,7 @@ class VolumeInferer(Inferer):
         network, self.config = load_model_folder(self.model_dir, self.device)
         calibration = load_calibration(self.model_dir, encoding)
         self.slice_inferer = SliceInferer(
-            NoisePredictor(network, autocast=self.device.type == "cuda"),
+            NoisePredictor(network, autocast=use_bf16(precision, self.device)),
             build_scheduler(self.config.diffusion).alphas_cumprod,
             calibration,
             variants=(variant,),

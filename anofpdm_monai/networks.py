@@ -20,6 +20,7 @@ HEALTHY = 0
 UNHEALTHY = 1
 NULL = 2
 NUM_CLASS_EMBEDS = 3
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def build_network(cfg: NetworkConfig) -> DiffusionModelUNet:
@@ -61,12 +62,30 @@ def drop_labels(labels: torch.Tensor, p_uncond: float, generator: torch.Generato
     return torch.where(drop, torch.full_like(labels, NULL), labels)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU whose oneDNN
+    build supports bf16 (AVX512-BF16 / AMX; asked through ``torch.ops.mkldnn._is_mkldnn_bf16_supported``)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the query: stay in fp32
+        return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Resolve ``--precision``: ``bf16`` always autocasts, ``fp32`` never, ``auto`` where :func:`native_bf16`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+
+
 class NoisePredictor:
     """Callable ``eps(x_t, t, labels)`` over a UNet: the interface the forward process uses.
 
     Args:
         network: a network built by :func:`build_network`, in eval mode.
-        autocast: run the network under bf16 autocast (CUDA only).
+        autocast: run the network under bf16 autocast (on CPU or CUDA); its output is cast back to float32.
     """
 
     def __init__(self, network: torch.nn.Module, autocast: bool = False) -> None:
@@ -85,7 +104,7 @@ class NoisePredictor:
         Returns:
             (N, C, S, S) float32 predicted noise.
         """
-        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast and x_t.is_cuda):
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             eps = self.network(x_t, timesteps=t, class_labels=labels)
         return eps.float()
 

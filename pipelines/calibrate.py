@@ -1,4 +1,4 @@
-"""``anofpdm calibrate``: choose w*, thr_01 and D on validation slices (image-level labels only)."""
+"""``anofpdm calibrate``: choose w*, thr_01, D (and N if several are given) on validation slices (image-level labels only)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from anofpdm_monai.calibration import calibrate, plot_calibration
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, calibration_path
 from anofpdm_monai.io import InputError
-from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder
+from anofpdm_monai.networks import PRECISIONS, NoisePredictor, build_scheduler, load_model_folder, use_bf16
 from anofpdm_monai.training import resolve_device
 
 
@@ -20,11 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--data", required=True, help="preprocessed store with a val split")
     parser.add_argument("--w-grid", default="0.5,1,1.5,2,3,5", help="candidate guidance strengths")
     parser.add_argument("--n-val", type=int, default=1000, help="validation slices (seeded sample)")
-    parser.add_argument("--steps", type=int, default=600, help="forward-step budget N")
+    parser.add_argument(
+        "--steps", default="600",
+        help="forward-step budget N (paper: 600), or several, e.g. 100,200,300,400,600, to select N too (one run)",
+    )  # fmt: skip
     parser.add_argument("--stride", type=int, default=1, help="visit every k-th step (fast mode: k > 1)")
     parser.add_argument("--encoding", choices=["ddim", "ddpm"], default="ddim")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -48,14 +52,18 @@ def run(args: argparse.Namespace) -> int:
         w_grid = [float(w) for w in args.w_grid.split(",") if w.strip()]
     except ValueError as err:
         raise ValueError(f"--w-grid {args.w_grid!r}: give comma-separated numbers, e.g. 0.5,1,2") from err
+    try:
+        steps = [int(n) for n in args.steps.split(",") if n.strip()]
+    except ValueError as err:
+        raise ValueError(f"--steps {args.steps!r}: give one or more comma-separated integers, e.g. 600 or 200,400,600") from err
     images, labels = validation_sample(store, args.n_val, args.seed)
     calibration, curves = calibrate(
-        NoisePredictor(network, autocast=device.type == "cuda"),
+        NoisePredictor(network, autocast=use_bf16(args.precision, device)),
         build_scheduler(config.diffusion).alphas_cumprod.to(device),
         images,
         labels,
         w_grid=w_grid,
-        steps=args.steps,
+        steps=steps,
         stride=args.stride,
         encoding=args.encoding,
         map_channels=config.preprocess.map_channel_indices,
@@ -67,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
     out = calibration_path(args.model, args.encoding)
     calibration.save(out)
     plot_calibration(calibration, curves, Path(out).with_suffix(".png"))
-    accuracies = ", ".join(f"w={w:g}: {a:.3f}" for w, a in zip(calibration.w_grid, calibration.accuracy))
-    print(f"{out}: w*={calibration.w:g}, thr_01={calibration.thr_01:.4f}, D={[round(d, 5) for d in calibration.D]}")
-    print(f"validation accuracy ({calibration.n_val} slices): {accuracies}")
+    print(
+        f"{out}: N*={calibration.steps}, w*={calibration.w:g}, thr_01={calibration.thr_01:.4f}, "
+        f"D={[round(d, 5) for d in calibration.D]}"
+    )
+    print(f"validation accuracy ({calibration.n_val} slices):")
+    for budget, row in zip(calibration.steps_grid, calibration.accuracy_by_steps):
+        print(f"  N={budget}: " + ", ".join(f"w={w:g}: {a:.3f}" for w, a in zip(calibration.w_grid, row)))
     return 0

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from anofpdm_monai.bundled import bundled_model_dir
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, merge_results
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
+from anofpdm_monai.networks import PRECISIONS
 from data_prep.phantom import generate_cohort
 
 DEMO_SEED = 2026  # the bundled model was trained on seed 1 and benchmarked on seed 2
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="anofpdm_demo", help="folder for the demo's files")
     parser.add_argument("--cases", type=int, default=3, help="phantom patients to generate and segment")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
 
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     generate_cohort(raw, "brats", args.cases, healthy_fraction=0.0, seed=DEMO_SEED)
     model_dir = bundled_model_dir()
     print(f"2/3 segmenting them with the bundled model {model_dir.name} (AnoFPDM-DDIM, calibrated fast mode)")
-    inferer = VolumeInferer(model_dir, batch_size=args.batch_size, device=args.device)
+    inferer = VolumeInferer(model_dir, batch_size=args.batch_size, device=args.device, precision=args.precision)
     cohort = Cohort(raw, inferer)
     evaluator = CohortEvaluator(inferer, DEMO_METHODS, evaluation, batch_size=args.batch_size, outputs_dir=segmentations)
     for case_id in tqdm(cohort.case_ids, desc="segment + evaluate", unit="case"):

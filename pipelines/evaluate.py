@@ -15,6 +15,7 @@ from tqdm import tqdm
 from anofpdm_monai.evaluation import ALL_METHODS, Cohort, CohortEvaluator, merge_results, select_slices, tune_ddib_threshold
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
+from anofpdm_monai.networks import PRECISIONS
 from pipelines.segment import resolve_model
 
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ddib-depth", type=int, default=400, help="encoding depth of the ddib baseline")
     parser.add_argument("--val-data", default=None, help="store whose val split tunes the ddib threshold")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished by an earlier run")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     inferer = VolumeInferer(
         resolve_model(args.model), steps=args.steps, stride=args.stride, batch_size=args.batch_size,
-        device=args.device, seed=args.seed,
+        device=args.device, seed=args.seed, precision=args.precision,
     )  # fmt: skip
     cohort = Cohort(args.input, inferer, args.split)
     evaluator = CohortEvaluator(inferer, methods, results, ddib_depth=args.ddib_depth, batch_size=args.batch_size, seed=args.seed)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError
+from anofpdm_monai.networks import PRECISIONS
 from data_prep.readers import records_for_inference
 
 
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=None, help="stride k (default: calibrated)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-png", action="store_true", help="also write CASE.png overlays")
     parser.add_argument("--keep-3d-components", type=int, default=0, metavar="MIN_VOXELS",
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,
+        precision=args.precision,
         keep_3d_components=args.keep_3d_components,
     )
     failed = 0

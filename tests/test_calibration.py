@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,6 +15,7 @@ from anofpdm_monai.calibration import (
     DivergenceCurve,
     calibrate,
     plot_calibration,
+    select_budget,
     select_guidance,
     select_threshold_01,
 )
@@ -78,6 +80,14 @@ def test_select_guidance_bad_inputs():
         select_guidance([1, 2], [0.9])
     with pytest.raises(ValueError, match="duplicates"):
         select_guidance([1, 1], [0.9, 0.8])
+
+
+def test_select_budget_takes_the_most_accurate_and_ties_to_the_larger():
+    assert select_budget([100, 300, 600], [0.80, 0.90, 0.85]) == 300
+    assert select_budget([600, 100, 300], [0.90, 0.90, 0.70]) == 600  # tie: the larger budget
+    assert select_budget([600], [0.1]) == 600
+    with pytest.raises(ValueError, match="equal length"):
+        select_budget([100, 200], [0.9])
 
 
 # ---------------------------------------------------------------- calibrate end to end
@@ -154,6 +164,45 @@ def test_calibrate_matches_separate_per_w_runs(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_calibrate_over_budgets_equals_separate_runs_per_budget():
+    """Each candidate budget gets exactly what a calibration with that budget alone gives.
+
+    DDIM draws noise at the first visited step only, so the random numbers match across batches
+    (DDPM draws per step: a standalone smaller budget would draw fewer numbers per batch).
+    """
+    slices, labels = validation_set()
+    grid = [0.5, 1.0, 2.0]
+    kwargs = dict(stride=2, encoding="ddim", map_channels=(0, 1), batch_size=3, progress=False)
+    predictor = LabelPredictor(2)
+    joint, curves = calibrate(
+        predictor, ABAR, slices, labels, w_grid=grid, steps=[8, 4, 6], generator=torch.Generator().manual_seed(1), **kwargs
+    )  # fmt: skip
+    assert predictor.calls == 3 * 4  # three batches x the four visited steps of the largest budget only
+    assert joint.steps_grid == [4, 6, 8]
+    alone = {
+        n: calibrate(LabelPredictor(2), ABAR, slices, labels, w_grid=grid, steps=n, generator=torch.Generator().manual_seed(1), **kwargs)[0]
+        for n in (4, 6, 8)
+    }  # fmt: skip
+    for row, n in zip(joint.accuracy_by_steps, joint.steps_grid):
+        assert row == pytest.approx(alone[n].accuracy)
+    best = alone[select_budget(joint.steps_grid, [alone[n].accuracy[grid.index(alone[n].w)] for n in (4, 6, 8)])]
+    assert joint.steps == best.steps
+    assert (joint.w, joint.thr_01) == pytest.approx((best.w, best.thr_01))
+    assert joint.D == pytest.approx(best.D, rel=1e-6)
+    assert joint.accuracy == pytest.approx(best.accuracy) and joint.thresholds == pytest.approx(best.thresholds)
+    assert alone[8].steps_grid == [8] and alone[8].accuracy_by_steps == [alone[8].accuracy]
+    for curve in curves:  # full curves, t_e within the selected budget
+        assert curve.timesteps == [0, 2, 4, 6] and all(t < joint.steps for t in curve.end_step)
+
+
+def test_calibrate_budget_errors():
+    slices, labels = validation_set(count_each=2)
+    with pytest.raises(ValueError, match="duplicates"):
+        calibrate(LabelPredictor(2), ABAR, slices, labels, w_grid=[1.0], steps=[4, 4], progress=False)
+    with pytest.raises(ValueError, match="steps is empty"):
+        calibrate(LabelPredictor(2), ABAR, slices, labels, w_grid=[1.0], steps=[], progress=False)
+
+
 def test_calibration_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="anofpdm calibrate -m MODEL_DIR -d PREP"):
         Calibration.load(tmp_path / "calibration.json")
@@ -187,4 +236,16 @@ def test_plot_calibration_without_curves(tmp_path):
     )  # fmt: skip
     plot_calibration(calibration, [DivergenceCurve(0, HEALTHY, [0, 1], [[0.1], [0.2]], [1])], tmp_path / "a.png")
     plot_calibration(calibration, [], tmp_path / "b.png")
-    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+    budgets = dataclasses.replace(calibration, steps=2, steps_grid=[2, 4], accuracy_by_steps=[[0.7, 0.8], [0.6, 0.6]])
+    plot_calibration(budgets, [DivergenceCurve(0, HEALTHY, [0, 1, 2, 3], [[0.1], [0.2], [0.1], [0.3]], [1])], tmp_path / "c.png")
+    for name in ("a.png", "b.png", "c.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibration_files_without_budget_fields_still_load(tmp_path):
+    """calibration.json written before the budget grid existed (no steps_grid) loads with empty defaults."""
+    data = Calibration(w=1.0, thr_01=0.9, D=[0.1], steps=4, stride=1, encoding="ddim", map_channels=[0], map_channel_indices=[0]).to_dict()
+    del data["steps_grid"], data["accuracy_by_steps"]
+    (tmp_path / "calibration.json").write_text(json.dumps(data))
+    loaded = Calibration.load(tmp_path / "calibration.json")
+    assert loaded.steps == 4 and loaded.steps_grid == [] and loaded.accuracy_by_steps == []

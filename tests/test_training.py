@@ -29,9 +29,12 @@ from anofpdm_monai.networks import (
     NULL,
     NUM_CLASS_EMBEDS,
     UNHEALTHY,
+    NoisePredictor,
     build_network,
     drop_labels,
     load_model_folder,
+    native_bf16,
+    use_bf16,
 )
 from anofpdm_monai.training import TrainSettings, train
 from pipelines.cli import main as cli_main
@@ -205,6 +208,25 @@ def test_paper_preset_output_shape():
         for t, label in ((0, UNHEALTHY), (999, NULL)):
             out = net(x, timesteps=torch.tensor([t]), class_labels=torch.tensor([label]))
             assert out.shape == (1, 4, 128, 128) and torch.isfinite(out).all()
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    assert use_bf16("auto", cpu) == native_bf16(cpu)
+    with pytest.raises(ValueError, match="--precision 'half'"):
+        use_bf16("half", cpu)
+
+
+def test_bf16_predictor_returns_float32_close_to_fp32():
+    from anofpdm_monai.bundled import bundled_model_dir
+
+    net, _ = load_model_folder(bundled_model_dir())  # trained weights (a fresh UNet's output layer is all zeros)
+    x = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([10, 500]), torch.tensor([HEALTHY, NULL])
+    full, half = NoisePredictor(net)(x, t, labels), NoisePredictor(net, autocast=True)(x, t, labels)
+    assert half.dtype == torch.float32 and not torch.equal(full, half)  # autocast really ran in bf16
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
 
 
 # ---------------------------------------------------------------- class convention
