@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -114,17 +115,34 @@ def slice_subset(cohort: Cohort, max_slices: int | None, seed: int) -> dict[str,
     return {p: g["slice"].to_numpy() for p, g in rows.groupby("patient")}
 
 
+def ddib_settings(evaluator: CohortEvaluator, source: str | Path) -> dict:
+    """What the tuned ddib threshold depends on: the weights, the calibrated w and stride, the depth, the tuning data."""
+    base = evaluator.inferer.slice_inferer
+    digest = hashlib.sha256((evaluator.inferer.model_dir / "model.pt").read_bytes()).hexdigest()
+    return {"model_sha256": digest, "w": base.calibration.w, "stride": base.stride, "depth": evaluator.ddib_depth,
+            "tuned_on": str(source)}  # fmt: skip
+
+
 def ddib_threshold(evaluator: CohortEvaluator, cohort: Cohort, args: argparse.Namespace, results: Path) -> float | None:
-    """Tune (once, cached in RESULTS/ddib.json) the ddib baseline's threshold on validation pixel labels."""
-    cache = results / "ddib.json"
-    if cache.is_file():
-        return float(json.loads(cache.read_text())["threshold"])
+    """Tune the ddib baseline's threshold on validation pixel labels, cached in RESULTS/ddib.json.
+
+    The cache is reused only if it was tuned with the same weights, w, stride, depth and data;
+    otherwise (e.g. a retrained model evaluated into the same folder) the threshold is tuned again.
+    """
     from anofpdm_monai.data import PreprocessedStore
 
     source = args.val_data or (args.input if cohort.store is not None else None)
     if source is None:
         print("ddib skipped: give --val-data PREP to tune its threshold", file=sys.stderr)
         return None
+    cache = results / "ddib.json"
+    settings = ddib_settings(evaluator, source)
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("settings") == settings:
+            return float(cached["threshold"])
+        print(f"{cache}: tuned for another model or setting; tuning the ddib threshold again", file=sys.stderr)
     threshold = tune_ddib_threshold(evaluator, PreprocessedStore(source), max_slices=200, seed=args.seed)
-    atomic_write_text(cache, json.dumps({"threshold": threshold, "tuned_on": str(source), "uses_pixel_labels": True}) + "\n")
+    record = {"threshold": threshold, "tuned_on": str(source), "uses_pixel_labels": True, "settings": settings}
+    atomic_write_text(cache, json.dumps(record) + "\n")
     return threshold

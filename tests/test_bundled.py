@@ -21,12 +21,19 @@ def test_bundled_model_loads_and_matches_its_config_and_calibration():
     state = safe_torch_load(folder / "model.pt")
     assert set(state) == set(network.state_dict())
     assert config.network.preset == "tiny"
-    calibration = Calibration.load(folder / "calibration.json")
+    assert (folder / "calibration.json").is_file()
     names = config.preprocess.channel_names
-    assert [names[i] for i in calibration.map_channel_indices] == list(config.preprocess.map_channels)
-    assert len(calibration.D) == len(config.preprocess.map_channels) and all(d > 0 for d in calibration.D)
-    assert calibration.w in calibration.w_grid
-    assert 1 <= calibration.stride and calibration.steps <= config.diffusion.num_train_timesteps
+    for encoding in ("ddim", "ddpm"):
+        path = folder / ("calibration.json" if encoding == "ddim" else "calibration_ddpm.json")
+        if not path.is_file():
+            continue
+        calibration = Calibration.load(path)
+        assert calibration.encoding == encoding
+        assert [names[i] for i in calibration.map_channel_indices] == list(config.preprocess.map_channels)
+        assert len(calibration.D) == len(config.preprocess.map_channels) and all(d > 0 for d in calibration.D)
+        assert calibration.w in calibration.w_grid
+        assert 1 <= calibration.stride and calibration.steps <= config.diffusion.num_train_timesteps
+        assert calibration.steps in calibration.steps_grid or not calibration.steps_grid
     s = config.network.image_size
     x = torch.zeros(2, config.network.in_channels, s, s)
     out = network(x, timesteps=torch.tensor([0, 599]), class_labels=torch.tensor([0, 2]))

@@ -158,6 +158,16 @@ def test_ddib_baseline_is_tuned_on_validation_pixel_labels(model, brats_store, t
     assert len(ddib) == 6 and ddib["pred_label"].isna().all()
     arrays = np.load(results / "cases" / f"{ddib['case'].iloc[0]}.npz")
     np.testing.assert_array_equal(arrays["ddib/masks"], arrays["ddib/maps"] >= tuned["threshold"])
+
+    # the cached threshold is reused for the same model and settings, and tuned again for another depth
+    cache = results / "ddib.json"
+    cache.write_text(json.dumps({**tuned, "threshold": 123.0}))
+    ddib_only = ("-m", model, "-i", brats_store, "-o", results, "--methods", "ddib", "--max-slices", 2, "--val-data", val)
+    assert evaluate(*ddib_only, "--ddib-depth", 40) == 0
+    assert json.loads(cache.read_text())["threshold"] == 123.0
+    assert evaluate(*ddib_only, "--ddib-depth", 20) == 0
+    retuned = json.loads(cache.read_text())
+    assert retuned["threshold"] != 123.0 and retuned["settings"]["depth"] == 20
     # the threshold is the pooled-DICE optimum of the ddib maps of exactly those validation slices
     evaluator = CohortEvaluator(VolumeInferer(model, device="cpu"), ["ddib"], tmp_path / "unused", ddib_depth=40)
     store = PreprocessedStore(val)
