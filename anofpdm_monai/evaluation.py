@@ -144,7 +144,8 @@ class CohortEvaluator:
             calibration = load_calibration(inferer.model_dir, encoding)
             self.slice_inferers[encoding] = SliceInferer(
                 self.predict_eps, self.alphas_cumprod, calibration, variants=variants, encoding=encoding,
-                steps=base.steps, stride=base.stride, setup="unhealthy", batch_size=batch_size, seed=seed,
+                steps=inferer.steps_override, stride=inferer.stride_override, setup="unhealthy",
+                batch_size=batch_size, seed=seed,
                 device=base.device,
             )  # fmt: skip
         self.batch_size = batch_size

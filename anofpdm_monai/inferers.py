@@ -253,6 +253,7 @@ class VolumeInferer(Inferer):
             progress=progress,
         )
         self.variant = variant
+        self.steps_override, self.stride_override = steps, stride  # None: each calibration's own N and k
         self.keep_3d_components = keep_3d_components
 
     def preprocess(

@@ -379,3 +379,19 @@ def test_results_folder_that_cannot_be_written(model, brats_store, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert str(blocker / "results") in err[0] and "choose a writable -o" in err[0]
+
+
+def test_each_encoding_runs_with_its_own_calibrated_budget(model, tmp_path):
+    """DDIM and DDPM calibrations may pick different N and k; --steps/--stride override both."""
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    ddim = json.loads((folder / "calibration.json").read_text())
+    (folder / "calibration_ddpm.json").write_text(json.dumps({**ddim, "encoding": "ddpm", "steps": ddim["steps"] // 2, "stride": 1}))
+    methods = ["anofpdm-ddim", "anofpdm-ddpm"]
+    evaluator = CohortEvaluator(VolumeInferer(folder, device="cpu"), methods, tmp_path / "unused")
+    budgets = {enc: (inf.steps, inf.stride) for enc, inf in evaluator.slice_inferers.items()}
+    assert budgets == {"ddim": (ddim["steps"], ddim["stride"]), "ddpm": (ddim["steps"] // 2, 1)}
+    with pytest.warns(UserWarning, match="calibration was made with"):
+        evaluator = CohortEvaluator(VolumeInferer(folder, device="cpu", steps=8, stride=4), methods, tmp_path / "unused")
+    assert {inf.steps for inf in evaluator.slice_inferers.values()} == {8}
+    assert {inf.stride for inf in evaluator.slice_inferers.values()} == {4}
