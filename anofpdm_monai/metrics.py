@@ -404,15 +404,18 @@ def summary_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """
     header = ["method", *(title for title, _ in SUMMARY_COLUMNS), "calls/slice", "s/slice"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    any_pixel = False
+    pixel_methods = []
     for method, row in rows.items():
         pixel = bool(row.get("uses_pixel_labels", False))
-        any_pixel |= pixel
+        if pixel:
+            pixel_methods.append(method)
         cells = [method + (f" {PIXEL_LABEL_MARKER}" if pixel else "")]
         cells += [_fmt(row.get(key), ".1f", 100.0) for _, key in SUMMARY_COLUMNS]
         cells += [_fmt(row.get("calls_per_slice"), ".1f"), _fmt(row.get("seconds_per_slice"), ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
-    if any_pixel:
-        lines += ["", f"{PIXEL_LABEL_MARKER} uses pixel labels: ddib's threshold is tuned on validation masks; "
-                  "threshold is the oracle intensity cut, tuned on the evaluated slices themselves (an upper bound)."]
+    notes = {"ddib": "ddib's threshold is tuned on validation masks",
+             "threshold": "threshold is the oracle intensity cut, tuned on the evaluated slices themselves (an upper bound)"}  # fmt: skip
+    if pixel_methods:
+        said = "; ".join(notes.get(m, f"{m} is tuned on pixel labels") for m in pixel_methods)
+        lines += ["", f"{PIXEL_LABEL_MARKER} uses pixel labels: {said}."]
     return "\n".join(lines) + "\n"
