@@ -219,7 +219,8 @@ class CohortEvaluator:
         masks = torch.from_numpy(arrays[f"{method}/masks"] & arrays[f"{method}/pred"][:, None, None])
         maps = torch.from_numpy(arrays[f"{method}/maps"])
         reference = nib.load(str(case.geometry.reference))
-        save_overlay(case.images, maps, masks, self.outputs_dir / f"{case.case_id}.png", truth=case.masks)
+        save_overlay(case.images, maps, masks, self.outputs_dir / f"{case.case_id}.png", truth=case.masks,
+                     slice_indices=case.slice_indices.tolist())  # fmt: skip
         save_like(slices_to_volume(maps, case.geometry, "map"), reference, self.outputs_dir / f"{case.case_id}_anomaly.nii.gz", np.float32)
         save_like(slices_to_volume(masks.float(), case.geometry, "mask"), reference, self.outputs_dir / f"{case.case_id}.nii.gz", np.uint8)
 

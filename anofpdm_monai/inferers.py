@@ -309,7 +309,8 @@ class VolumeInferer(Inferer):
                 from anofpdm_monai.visualize import save_overlay
 
                 png = out_dir / f"{case_id}.png"
-                written.append(save_overlay(result.case.images, result.slices.maps, result.slices.masks, png))
+                written.append(save_overlay(result.case.images, result.slices.maps, result.slices.masks, png,
+                                            slice_indices=list(result.case.geometry.slice_indices)))  # fmt: skip
             # The mask is written last: its presence marks the case as finished (for --continue).
             written.append(save_like(result.mask, reference, out_dir / f"{case_id}.nii.gz", np.uint8))
         except BaseException:

@@ -202,3 +202,15 @@ def test_segment_bad_arguments():
     with pytest.raises(ValueError, match="variant"):
         segment(two.select(0), calibration, variant="first")
     assert segment(two.select(1), calibration).masks.shape == (1, SIZE, SIZE)
+
+
+def test_overlay_shows_largest_masks_then_strongest_maps():
+    from anofpdm_monai.visualize import overlay_slices
+
+    maps = torch.zeros(5, 4, 4)
+    maps[:, 0, 0] = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7])
+    masks = torch.zeros(5, 4, 4, dtype=torch.bool)
+    masks[3, :2] = True  # 8 pixels
+    masks[0, 0] = True  # 4 pixels
+    assert overlay_slices(maps, masks, 4).tolist() == [3, 0, 1, 4]  # then by map maximum
+    assert overlay_slices(maps, torch.zeros_like(masks), 2).tolist() == [1, 4]
