@@ -4,8 +4,10 @@ Runs the forward process once with the largest budget on healthy and unhealthy t
 every visited step's sub-anomaly map, and evaluates each smaller budget N from the first visited
 steps (as calibration does): unhealthy-setup DICE and pooled AUPRC of the aggregated map (D per
 (w, N) taken on these slices, so optimistic for every setting alike), the ROC AUC of the paper's
-cosine-similarity health score and of dmax, and where t_e falls. Pixel labels are used only to
-score; this is a diagnostic, never an input to the method.
+cosine-similarity health score and of dmax, and where t_e falls. With one budget it is a sweep
+over w alone. Pixel labels are used only to score; this is a diagnostic, never an input to the
+method. It keeps per-step maps, which the engine (streaming, by design) does not, so it runs its
+own loop over the engine's step functions (DDIM only).
 
     python benchmarks/budget_sweep.py --store /tmp/anofpdm_accuracy/test_store --slices 32
 """
