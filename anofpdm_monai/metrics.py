@@ -404,11 +404,9 @@ def summary_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """
     header = ["method", *(title for title, _ in SUMMARY_COLUMNS), "calls/slice", "s/slice"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    pixel_methods = []
+    pixel_methods = [method for method, row in rows.items() if row.get("uses_pixel_labels", False)]
     for method, row in rows.items():
-        pixel = bool(row.get("uses_pixel_labels", False))
-        if pixel:
-            pixel_methods.append(method)
+        pixel = method in pixel_methods
         cells = [method + (f" {PIXEL_LABEL_MARKER}" if pixel else "")]
         cells += [_fmt(row.get(key), ".1f", 100.0) for _, key in SUMMARY_COLUMNS]
         cells += [_fmt(row.get("calls_per_slice"), ".1f"), _fmt(row.get("seconds_per_slice"), ".3f")]

@@ -11,8 +11,9 @@ from anofpdm_monai.calibration import calibrate, plot_calibration
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, calibration_path
 from anofpdm_monai.io import InputError
-from anofpdm_monai.networks import PRECISIONS, NoisePredictor, build_scheduler, load_model_folder, use_bf16
+from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16
 from anofpdm_monai.training import resolve_device
+from pipelines.segment import add_device_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=1, help="visit every k-th step (fast mode: k > 1)")
     parser.add_argument("--encoding", choices=["ddim", "ddpm"], default="ddim")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 

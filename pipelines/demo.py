@@ -11,8 +11,8 @@ from tqdm import tqdm
 from anofpdm_monai.bundled import bundled_model_dir
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, merge_results
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
-from anofpdm_monai.networks import PRECISIONS
 from data_prep.phantom import generate_cohort
+from pipelines.segment import add_device_arguments
 
 DEMO_SEED = 2026  # the bundled model was trained on seed 1 and benchmarked on seed 2
 DEMO_METHODS = ("anofpdm-ddim", "threshold")
@@ -21,8 +21,7 @@ DEMO_METHODS = ("anofpdm-ddim", "threshold")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="anofpdm_demo", help="folder for the demo's files")
     parser.add_argument("--cases", type=int, default=3, help="phantom patients to generate and segment")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
+    add_device_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
 
 

@@ -16,8 +16,7 @@ from tqdm import tqdm
 from anofpdm_monai.evaluation import ALL_METHODS, Cohort, CohortEvaluator, merge_results, select_slices, tune_ddib_threshold
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
-from anofpdm_monai.networks import PRECISIONS
-from pipelines.segment import resolve_model
+from pipelines.segment import add_device_arguments, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument("--ddib-depth", type=int, default=400, help="encoding depth of the ddib baseline")
     parser.add_argument("--val-data", default=None, help="store whose val split tunes the ddib threshold")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished by an earlier run")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")

@@ -22,13 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: calibrated)")
     parser.add_argument("--stride", type=int, default=None, help="stride k (default: calibrated)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
+    add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-png", action="store_true", help="also write CASE.png overlays")
     parser.add_argument("--keep-3d-components", type=int, default=0, metavar="MIN_VOXELS",
                         help="drop 3-D lesion components smaller than this many voxels")
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision``, shared by every verb that runs the network for inference."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
 
 
 def resolve_model(model: str) -> Path:
