@@ -76,6 +76,12 @@ class PreprocessConfig:
         min_brain_fraction: a slice is a brain slice if at least this fraction of its pixels is non-zero.
         register_to: path of the registration template, or None for no registration.
         dataset: the layout the store was built from (informational).
+        crop_foreground: crop each volume's axial planes to the brain's bounding box (plus
+            ``crop_margin_mm``) and pad it to a square field in mm before resizing to S, so the
+            pixels are spent on the brain and the anatomy keeps its aspect. False is the paper's
+            chain (the whole plane resized to S x S); model folders saved before this option
+            existed load with False and keep their chain.
+        crop_margin_mm: margin around the brain's bounding box, in mm.
     """
 
     image_size: int = 64
@@ -85,6 +91,8 @@ class PreprocessConfig:
     min_brain_fraction: float = 0.05
     register_to: str | None = None
     dataset: str = "brats"
+    crop_foreground: bool = False
+    crop_margin_mm: float = 5.0
 
     def __post_init__(self) -> None:
         self.channel_names = tuple(self.channel_names)

@@ -26,7 +26,7 @@ from anofpdm_monai.io import InputError, save_like
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16
 from anofpdm_monai.segmentation import segment
 from anofpdm_monai.training import resolve_device
-from anofpdm_monai.transforms import PreprocessedCase, preprocess_case, slices_to_volume
+from anofpdm_monai.transforms import PreprocessedCase, preprocess_with, slices_to_volume
 
 # Slices per forward process. Each network call sees 2 x this many inputs; 8 slices (16 inputs of
 # 64 x 64) was the fastest per slice on 2 CPU cores (10.5 ms per input against 26 ms at 200 inputs,
@@ -273,16 +273,7 @@ class VolumeInferer(Inferer):
                 f"{first}: the case has {len(channel_paths)} channel file(s) but the model takes {len(expected)} "
                 f"({', '.join(expected)}); give one file per channel in that order"
             )
-        p = self.config.preprocess
-        return preprocess_case(
-            channel_paths,
-            label_path,
-            image_size=p.image_size,
-            percentile=p.percentile,
-            min_brain_fraction=p.min_brain_fraction,
-            register_to=p.register_to,
-            allowed_labels=allowed_labels,
-        )
+        return preprocess_with(self.config.preprocess, channel_paths, label_path, allowed_labels)
 
     def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None) -> VolumeResult:  # type: ignore[override]
         """Segment one case given its channel files (in the model's channel order)."""

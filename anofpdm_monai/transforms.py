@@ -3,12 +3,13 @@
 Forward (``preprocess_case``): load and validate every channel (:class:`LoadCased`),
 optional affine registration to a template with SimpleITK (:class:`RegisterToTemplated`),
 orientation to RAS (MONAI ``Orientationd``), per-volume percentile normalisation
-(:class:`PercentileNormalised`), then axial brain slices resized to S x S (MONAI ``Resized``)
-and scaled per slice and channel to [-1, 1] (:func:`scale_slices`).
+(:class:`PercentileNormalised`), optionally a crop of the axial planes to the brain's bounding box
+padded to a square field in mm (:func:`brain_square_box`, :func:`crop_planes`), then axial brain
+slices resized to S x S and scaled per slice and channel to [-1, 1] (:func:`scale_slices`).
 
-Inverse (``slices_to_volume``): per-slice outputs go back through the resize, the orientation
-and the registration onto the input's own voxel grid. A :class:`CaseGeometry` carries what the
-inverse needs.
+Inverse (``slices_to_volume``): per-slice outputs go back through the resize, the crop, the
+orientation and the registration onto the input's own voxel grid. A :class:`CaseGeometry` carries
+what the inverse needs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, Orientationd
 
+from anofpdm_monai.config import PreprocessConfig
 from anofpdm_monai.io import InputError, load_nifti
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -43,6 +45,9 @@ class CaseGeometry:
         ras_shape: (X, Y, Z) after registration and RAS orientation.
         slice_indices: axial (last-axis) indices of the RAS volume that were kept as brain slices.
         registration: SimpleITK transform parameters when the case was registered, else None.
+        crop_box: ``((x0, x1), (y0, y1))``, the square field (RAS voxel indices, end exclusive; it may
+            reach beyond the volume, where it is zero-padded) that was resized to S x S, or None
+            when the whole axial plane was (the paper's chain).
     """
 
     reference: Path
@@ -51,6 +56,7 @@ class CaseGeometry:
     ras_shape: tuple[int, int, int]
     slice_indices: np.ndarray
     registration: dict[str, Any] | None = None
+    crop_box: tuple[tuple[int, int], tuple[int, int]] | None = None
 
 
 class LoadCased(MapTransform):
@@ -238,6 +244,61 @@ def resize_slices(volume: torch.Tensor, size: int, mode: str = "bilinear") -> to
     return F.interpolate(slices, size=(size, size), mode=mode, align_corners=False, antialias=False)
 
 
+def brain_square_box(
+    brain: torch.Tensor, spacing: Sequence[float], margin_mm: float
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The axial field that holds the brain: its bounding box plus a margin, widened to a square in mm.
+
+    Args:
+        brain: (X, Y, Z) bool, the brain (non-zero) voxels of the RAS volume.
+        spacing: (sx, sy) voxel size in mm along X and Y.
+        margin_mm: added on every side of the bounding box before squaring.
+
+    Returns:
+        ``((x0, x1), (y0, y1))``, end exclusive, centred on the bounding box; the field is
+        ``x1 - x0`` by ``y1 - y0`` voxels, the same length in mm along both axes (to the nearest
+        voxel), and may reach beyond the volume. The whole plane when ``brain`` is empty.
+    """
+    plane = brain.any(dim=2)
+    if not plane.any():
+        return (0, int(brain.shape[0])), (0, int(brain.shape[1]))
+    box = []
+    for axis in (0, 1):
+        hit = torch.nonzero(plane.any(dim=1 - axis)).flatten()
+        box.append((int(hit.min()), int(hit.max()) + 1))
+    side_mm = max((hi - lo) * float(s) + 2.0 * margin_mm for (lo, hi), s in zip(box, spacing))
+    field = []
+    for (lo, hi), s in zip(box, spacing):
+        n = max(int(round(side_mm / float(s))), hi - lo)
+        start = (lo + hi - n) // 2
+        field.append((start, start + n))
+    return field[0], field[1]
+
+
+def crop_planes(volume: torch.Tensor, box: tuple[tuple[int, int], tuple[int, int]]) -> torch.Tensor:
+    """Cut the field ``box`` out of the axial planes of a (C, X, Y, Z) volume, zero where it leaves the volume.
+
+    Returns:
+        (C, x1 - x0, y1 - y0, Z), same dtype as ``volume``.
+    """
+    (x0, x1), (y0, y1) = box
+    c, x, y, z = volume.shape
+    out = volume.new_zeros((c, x1 - x0, y1 - y0, z))
+    sx, sy = slice(max(x0, 0), min(x1, x)), slice(max(y0, 0), min(y1, y))
+    out[:, sx.start - x0 : sx.stop - x0, sy.start - y0 : sy.stop - y0] = volume[:, sx, sy]
+    return out
+
+
+def uncrop_planes(planes: torch.Tensor, box: tuple[tuple[int, int], tuple[int, int]], plane_shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`crop_planes` for (N, x1 - x0, y1 - y0) planes: (N, X, Y), zero outside the field."""
+    (x0, x1), (y0, y1) = box
+    x, y = plane_shape
+    out = planes.new_zeros((planes.shape[0], x, y))
+    sx, sy = slice(max(x0, 0), min(x1, x)), slice(max(y0, 0), min(y1, y))
+    out[:, sx, sy] = planes[:, sx.start - x0 : sx.stop - x0, sy.start - y0 : sy.stop - y0]
+    return out
+
+
 def build_chain(percentile: float = 99.0, register_to: str | None = None, allowed_labels: Sequence[int] | None = None) -> Compose:
     """The MONAI transform chain up to (and including) normalisation, for one case dict."""
     transforms: list[Any] = [LoadCased(allowed_labels=allowed_labels)]
@@ -268,8 +329,13 @@ def preprocess_case(
     min_brain_fraction: float = 0.05,
     register_to: str | None = None,
     allowed_labels: Sequence[int] | None = None,
+    crop_margin_mm: float | None = None,
 ) -> PreprocessedCase:
     """Run the whole chain of ALGORITHM.md section 1 on one case.
+
+    ``crop_margin_mm``: None resizes the whole axial plane to S x S (the paper's chain); a number
+    first crops the planes to :func:`brain_square_box` with that margin. Which slices are brain
+    slices (``min_brain_fraction``) is decided on the whole plane either way.
 
     Returns:
         brain slices resized to ``image_size`` and scaled to [-1, 1], their masks (resize bilinear then > 0.5),
@@ -291,10 +357,16 @@ def preprocess_case(
             f"{data['reference']}: no slice has brain tissue (>= {min_brain_fraction:.0%} non-zero pixels); "
             "check that this is a brain volume with zero background (skull-stripped), or leave this case out"
         )
-    slices = scale_slices(resize_slices(image[..., keep], image_size))
-    masks = None
-    if "label" in data:
-        masks = resize_slices(data["label"].as_tensor()[..., keep], image_size)[:, 0] > 0.5
+    planes = image[..., keep]
+    label_planes = data["label"].as_tensor()[..., keep] if "label" in data else None
+    box = None
+    if crop_margin_mm is not None:
+        spacing = np.linalg.norm(np.asarray(data["image"].affine)[:3, :2], axis=0)
+        box = brain_square_box((image != 0).any(dim=0), spacing, crop_margin_mm)
+        planes = crop_planes(planes, box)
+        label_planes = None if label_planes is None else crop_planes(label_planes, box)
+    slices = scale_slices(resize_slices(planes, image_size))
+    masks = None if label_planes is None else resize_slices(label_planes, image_size)[:, 0] > 0.5
     reference = nib.load(str(data["reference"]))
     geometry = CaseGeometry(
         reference=Path(data["reference"]),
@@ -303,8 +375,28 @@ def preprocess_case(
         ras_shape=tuple(int(s) for s in image.shape[1:]),
         slice_indices=keep.numpy(),
         registration=data.get("registration"),
+        crop_box=box,
     )
     return PreprocessedCase(slices, masks, geometry)
+
+
+def preprocess_with(
+    config: PreprocessConfig,
+    channel_paths: Sequence[str | Path],
+    label_path: str | Path | None,
+    allowed_labels: Sequence[int] | None = None,
+) -> PreprocessedCase:
+    """:func:`preprocess_case` with the settings of a store or model folder (the one way the pipeline calls it)."""
+    return preprocess_case(
+        channel_paths,
+        label_path,
+        image_size=config.image_size,
+        percentile=config.percentile,
+        min_brain_fraction=config.min_brain_fraction,
+        register_to=config.register_to,
+        allowed_labels=allowed_labels,
+        crop_margin_mm=config.crop_margin_mm if config.crop_foreground else None,
+    )
 
 
 def _input_error_cause(err: BaseException) -> InputError | None:
@@ -329,7 +421,12 @@ def slices_to_volume(values: torch.Tensor, geometry: CaseGeometry, kind: str) ->
     if kind not in ("map", "mask"):
         raise ValueError(f"kind={kind!r}; choose 'map' or 'mask'")
     x, y, z = geometry.ras_shape
-    planes = F.interpolate(values.float()[:, None], size=(x, y), mode="bilinear", align_corners=False)[:, 0]
+    if geometry.crop_box is None:
+        planes = F.interpolate(values.float()[:, None], size=(x, y), mode="bilinear", align_corners=False)[:, 0]
+    else:
+        (x0, x1), (y0, y1) = geometry.crop_box
+        field = F.interpolate(values.float()[:, None], size=(x1 - x0, y1 - y0), mode="bilinear", align_corners=False)[:, 0]
+        planes = uncrop_planes(field, geometry.crop_box, (x, y))
     ras = torch.zeros((x, y, z), dtype=torch.float32)
     ras[..., torch.as_tensor(geometry.slice_indices, dtype=torch.long)] = planes.permute(1, 2, 0)
     ras_np = ras.numpy()

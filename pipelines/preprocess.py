@@ -17,7 +17,7 @@ from tqdm import tqdm
 from anofpdm_monai.config import PreprocessConfig
 from anofpdm_monai.data import assign_splits, case_done, write_case, write_manifest, write_settings
 from anofpdm_monai.io import InputError, atomic_save_dataframe
-from anofpdm_monai.transforms import preprocess_case
+from anofpdm_monai.transforms import preprocess_with
 from data_prep.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
 
 
@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--register-to", default=None, help="template NIfTI for affine registration (SimpleITK)")
     parser.add_argument("--map-channels", default=None, help="comma-separated channel names for the anomaly map")
+    parser.add_argument(
+        "--no-crop",
+        action="store_true",
+        help="resize the whole axial plane to S x S (the paper's chain) instead of the brain's bounding box padded to a square",
+    )
+    parser.add_argument("--crop-margin", type=float, default=5.0, help="margin around the brain's bounding box, mm")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--allow-skips", action="store_true", help="exit 0 even when cases were skipped")
 
@@ -44,15 +50,7 @@ def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple
                 f"({', '.join(record.channels)}) but the cohort's cases have {len(config.channel_names)} "
                 f"({', '.join(config.channel_names)}); give every case the same channels"
             )
-        case = preprocess_case(
-            list(record.channels.values()),
-            record.label,
-            image_size=config.image_size,
-            percentile=config.percentile,
-            min_brain_fraction=config.min_brain_fraction,
-            register_to=config.register_to,
-            allowed_labels=LESION_LABELS.get(config.dataset),
-        )
+        case = preprocess_with(config, list(record.channels.values()), record.label, LESION_LABELS.get(config.dataset))
         sources = {name: str(path) for name, path in record.channels.items()}
         write_case(store, record.case_id, case, sources)
         return record.case_id, None
@@ -73,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         map_channels=map_channels,
         register_to=str(Path(args.register_to).resolve()) if args.register_to else None,
         dataset=args.dataset,
+        crop_foreground=not args.no_crop,
+        crop_margin_mm=args.crop_margin,
     )
     store = Path(args.output)
     _check_same_settings(store, config)
@@ -127,7 +127,9 @@ def _check_same_settings(store: Path, config: PreprocessConfig) -> None:
     except (ValueError, KeyError, TypeError):
         return
     now = json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in now if k in before and before[k] != now[k])
+    before = {**json.loads(json.dumps(asdict(PreprocessConfig()))), **before}  # a key added later: its old meaning
+    changed = sorted(k for k in ("crop_foreground", "crop_margin_mm") if before[k] != now[k])
+    changed += sorted(k for k in now if k in before and before[k] != now[k] and k not in changed)
     if changed:
         detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise InputError(

@@ -88,6 +88,7 @@ def test_store_format(tmp_path, capsys):
     assert pre["image_size"] == 16 and pre["dataset"] == "brats"
     assert pre["channel_names"] == list(CHANNELS) and pre["map_channels"] == ["flair", "t2"]
     assert pre["percentile"] == 99.0 and pre["register_to"] is None
+    assert pre["crop_foreground"] is True and pre["crop_margin_mm"] == 5.0, "the brain crop is the default chain"
     skipped = pd.read_csv(store / "skipped.csv")
     assert list(skipped.columns) == ["case_id", "reason"] and skipped.empty
     leftovers = [p for p in store.rglob(".*")]
@@ -312,6 +313,22 @@ def test_rerun_with_other_settings_into_the_same_store_is_refused(tmp_path, caps
     assert (store / "settings.json").read_text() == settings
     # Another split or seed only rebuilds the manifest: allowed.
     assert _preprocess(raw, store, "--split", "0.5,0.0,0.5", "--seed", "1") == 0
+
+
+def test_store_made_before_the_crop_option_is_not_resumed_with_the_crop(tmp_path, capsys):
+    """A settings.json without the crop keys was made with the whole-plane chain: resuming it must keep that chain."""
+    raw, store = tmp_path / "raw", tmp_path / "prep"
+    _cohort(raw, n=2)
+    assert _preprocess(raw, store, "--no-crop") == 0
+    settings = json.loads((store / "settings.json").read_text())
+    assert settings["preprocess"]["crop_foreground"] is False
+    for key in ("crop_foreground", "crop_margin_mm"):
+        del settings["preprocess"][key]
+    (store / "settings.json").write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert _preprocess(raw, store) != 0
+    assert "crop_foreground: False -> True" in capsys.readouterr().err
+    assert _preprocess(raw, store, "--no-crop") == 0
 
 
 def test_two_workers_write_the_same_store(tmp_path, capsys):

@@ -16,7 +16,9 @@ from anofpdm_monai.transforms import (
     LoadCased,
     PercentileNormalised,
     RegisterToTemplated,
+    brain_square_box,
     build_chain,
+    crop_planes,
     from_ras,
     preprocess_case,
     scale_slices,
@@ -209,8 +211,9 @@ def _ellipsoid(shape: tuple[int, ...], centre_frac: float, radius_frac: float) -
     return sum(((g - centre_frac * (s - 1)) / (radius_frac * s)) ** 2 for g, s in zip(grid, shape)) < 1.0
 
 
+@pytest.mark.parametrize("crop_margin_mm", [None, 3.0], ids=["whole plane", "brain crop"])
 @pytest.mark.parametrize("name", list(ROUND_TRIP_GEOMETRIES))
-def test_mask_round_trip_onto_the_input_grid(tmp_path, name):
+def test_mask_round_trip_onto_the_input_grid(tmp_path, name, crop_margin_mm):
     matrix, shape = ROUND_TRIP_GEOMETRIES[name]
     affine = _affine(matrix)
     rng = np.random.default_rng(4)
@@ -220,8 +223,9 @@ def test_mask_round_trip_onto_the_input_grid(tmp_path, name):
     paths = [_save(tmp_path / f"c{c}.nii.gz", (image * (c + 1)).astype(np.float32), affine) for c in range(2)]
     label = _save(tmp_path / "seg.nii.gz", lesion.astype(np.uint8), affine)
 
-    case = preprocess_case(paths, label, image_size=32)
+    case = preprocess_case(paths, label, image_size=32, crop_margin_mm=crop_margin_mm)
     assert case.masks.any()
+    assert (case.geometry.crop_box is None) == (crop_margin_mm is None)
     assert case.geometry.input_shape == shape
     np.testing.assert_allclose(case.geometry.input_affine, affine, atol=1e-5)
 
@@ -234,6 +238,67 @@ def test_mask_round_trip_onto_the_input_grid(tmp_path, name):
     intensity = slices_to_volume(case.images[:, 0], case.geometry, "map")
     assert intensity.shape == shape and intensity.dtype == np.float32
     assert _dice(intensity > 0.0, brain) > 0.8, "brain (near +1) and background (-1) land where they were"
+
+
+# --- brain crop ------------------------------------------------------------------------------
+
+
+def test_brain_square_box_is_centred_and_square_in_mm():
+    brain = torch.zeros((60, 50, 4), dtype=torch.bool)
+    brain[10:30, 5:45, 1:3] = True  # 20 x 40 voxels
+    (x0, x1), (y0, y1) = brain_square_box(brain, (1.0, 1.0), margin_mm=2.0)
+    assert (x1 - x0, y1 - y0) == (44, 44), "the longer side plus the margin, on both axes"
+    assert (x0 + x1) / 2 == 20 and (y0 + y1) / 2 == 25, "centred on the bounding box"
+    assert y0 == 3 and y1 == 47, "the longer axis keeps exactly its margin"
+    # Anisotropic pixels: the field is square in mm, not in voxels.
+    (x0, x1), (y0, y1) = brain_square_box(brain, (0.5, 2.0), margin_mm=0.0)
+    assert (x1 - x0) * 0.5 == pytest.approx((y1 - y0) * 2.0) == 80.0
+    # No brain at all: the whole plane.
+    assert brain_square_box(torch.zeros((6, 7, 2), dtype=torch.bool), (1.0, 1.0), 5.0) == ((0, 6), (0, 7))
+
+
+def test_crop_planes_zero_pads_where_the_field_leaves_the_volume():
+    volume = torch.arange(2 * 4 * 3 * 2, dtype=torch.float32).view(2, 4, 3, 2) + 1
+    out = crop_planes(volume, ((-1, 4), (1, 6)))
+    assert out.shape == (2, 5, 5, 2)
+    assert torch.equal(out[:, 1:5, 0:2], volume[:, 0:4, 1:3])
+    assert not out[:, 0].any() and not out[:, :, 2:].any()
+
+
+def test_brain_crop_inverse_is_exact_when_no_resize_is_needed(tmp_path):
+    # 1 mm voxels, brain box 30 x 20 (+ 2 mm margin): a 34 x 34 field; at S = 34 the resize is the identity.
+    shape = (48, 40, 6)
+    affine = _affine(np.diag([-1.0, -1.0, 1.0]))  # LPS storage
+    brain = np.zeros(shape, dtype=bool)
+    brain[8:38, 12:32, :] = True
+    rng = np.random.default_rng(0)
+    lesion = brain & (rng.random(shape) < 0.2)  # scattered single voxels: any offset or flip would show
+    image = brain * (100.0 + 10.0 * rng.random(shape))
+    path = _save(tmp_path / "t1.nii.gz", image.astype(np.float32), affine)
+    label = _save(tmp_path / "seg.nii.gz", lesion.astype(np.uint8), affine)
+    case = preprocess_case([path], label, image_size=34, crop_margin_mm=2.0)
+    (x0, x1), (y0, y1) = case.geometry.crop_box
+    assert (x1 - x0, y1 - y0) == (34, 34)
+    back = slices_to_volume(case.masks, case.geometry, "mask")
+    np.testing.assert_array_equal(back, lesion.astype(np.uint8))
+
+
+def test_brain_crop_keeps_the_atlas_grid_aspect(tmp_path):
+    # ATLAS v2.0 grid (197 x 233 x 189 in MNI space) with an elongated brain: the whole-plane chain stretches
+    # it by 233/197 along X; the crop keeps a circle round.
+    shape = (197, 233, 8)
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape[:2]], indexing="ij")
+    disc = ((grid[0] - 98) ** 2 + (grid[1] - 116) ** 2) < 60**2
+    brain = np.repeat(disc[..., None], shape[2], axis=2)
+    path = _save(tmp_path / "t1.nii.gz", (brain * 100.0).astype(np.float32), _affine(np.eye(3)))
+    for margin, expect in ((None, 233 / 197), (5.0, 1.0)):
+        case = preprocess_case([path], None, image_size=64, crop_margin_mm=margin)
+        inside = (case.images[shape[2] // 2, 0] > 0).numpy()
+        rows, cols = np.nonzero(inside)
+        aspect = (rows.max() - rows.min() + 1) / (cols.max() - cols.min() + 1)
+        assert aspect == pytest.approx(expect, abs=0.05), (margin, aspect)
+        if margin is not None:
+            assert inside.mean() > 0.6, "the brain fills the field"
 
 
 def test_slices_to_volume_rejects_unknown_kind(tmp_path):
