@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -21,6 +20,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from anofpdm_monai.forward_process import ddim_step, predicted_x0
 from anofpdm_monai.guidance import EpsPredictor, guided_eps, predict_cond_and_null
 from anofpdm_monai.networks import HEALTHY, NULL
 
@@ -187,23 +187,6 @@ class DDIBResult:
     network_calls: int
 
 
-def _ddim_move(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_to: float) -> torch.Tensor:
-    """One deterministic DDIM move (eta = 0) from noise level ``abar_t`` to ``abar_to``.
-
-    The predicted x0 is clipped to [-1, 1] and eps re-derived from it (as
-    ALGORITHM.md section 4 and guided-diffusion do).
-
-    Args:
-        x_t: (N, C, S, S) input at noise level ``abar_t``.
-        eps: (N, C, S, S) predicted noise at (x_t, t).
-        abar_t: alpha-bar of the input's timestep.
-        abar_to: alpha-bar of the target (1.0 returns the clipped x0 itself).
-    """
-    x0_hat = ((x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)).clamp(-1.0, 1.0)
-    eps = (x_t - math.sqrt(abar_t) * x0_hat) / math.sqrt(1.0 - abar_t)
-    return math.sqrt(abar_to) * x0_hat + math.sqrt(1.0 - abar_to) * eps
-
-
 def _unguided_eps(predict_eps: EpsPredictor, x_t: torch.Tensor, t: int) -> torch.Tensor:
     """Null-class eps from one call on ``x_t``."""
     b = x_t.shape[0]
@@ -265,13 +248,15 @@ def ddib_reconstruction(
     calls = 0
     x = x0.float()
     for t, t_next in zip(steps[:-1], steps[1:]):
-        x = _ddim_move(x, _unguided_eps(predict_eps, x, t), abar[t], abar[t_next])
+        eps = _unguided_eps(predict_eps, x, t)
+        x = ddim_step(x, predicted_x0(x, eps, abar[t]), eps, abar[t], abar[t_next])
         calls += 1
     for i in range(len(steps) - 1, -1, -1):
         t = steps[i]
         abar_to = abar[steps[i - 1]] if i > 0 else 1.0
         eps_c, eps_u = predict_cond_and_null(predict_eps, x, t, HEALTHY)
-        x = _ddim_move(x, guided_eps(eps_c, eps_u, w), abar[t], abar_to)
+        eps = guided_eps(eps_c, eps_u, w)
+        x = ddim_step(x, predicted_x0(x, eps, abar[t]), eps, abar[t], abar_to)
         calls += 1
     channels = list(map_channels)
     maps = (x0[:, channels].float() - x[:, channels]).pow(2).mean(dim=1)

@@ -24,7 +24,7 @@ Differences from the reference implementation, all deliberate (see ALGORITHM.md 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -83,12 +83,31 @@ class ForwardProcessResult:
         n = self.guidance_scales.shape[0]
         if not -n <= g < n:
             raise ValueError(f"g={g} must index one of the {n} guidance scales, in [{-n}, {n})")
-        per_w = {"guidance_scales", "mse_h", "mse_u", "divergence", "end_index", "dmax", "aggregated_map", "last_map"}
         values = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            values[f.name] = value[g : g + 1] if f.name in per_w else value
+            values[f.name] = value[g : g + 1] if f.name in ("guidance_scales", *PER_SLICE_FIELDS) else value
         return ForwardProcessResult(**values)
+
+    @staticmethod
+    def concatenate(parts: Sequence[ForwardProcessResult]) -> ForwardProcessResult:
+        """Join the results of consecutive batches of one volume along the slice axis B.
+
+        The parts must share the timesteps, guidance strengths and settings (one run, batched).
+        """
+        if not parts:
+            raise ValueError("concatenate needs at least one ForwardProcessResult")
+        first = parts[0]
+        for part in parts[1:]:
+            if not (torch.equal(part.timesteps, first.timesteps) and torch.equal(part.guidance_scales, first.guidance_scales)):
+                raise ValueError("the parts were run with other timesteps or guidance strengths; they are not one run")
+        values = {f.name: getattr(first, f.name) for f in fields(first)}
+        values.update({name: torch.cat([getattr(p, name) for p in parts], dim=1) for name in PER_SLICE_FIELDS})
+        return ForwardProcessResult(**values)
+
+
+PER_SLICE_FIELDS = ("mse_h", "mse_u", "divergence", "end_index", "dmax", "aggregated_map", "last_map")
+"""The fields of :class:`ForwardProcessResult` with a (G, B, ...) layout."""
 
 
 def visited_timesteps(steps: int, stride: int) -> list[int]:
@@ -96,15 +115,21 @@ def visited_timesteps(steps: int, stride: int) -> list[int]:
     return list(range(0, steps, stride))
 
 
-def noised(x0: torch.Tensor, abar_t: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample q(x_t | x_0), eq. (2): ``sqrt(abar_t) x_0 + sqrt(1 - abar_t) n`` with n ~ N(0, I) from ``generator``.
+def noised(x0: torch.Tensor, abar_t: float, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Sample q(x_t | x_0), eq. (2): ``sqrt(abar_t) x_0 + sqrt(1 - abar_t) n`` with n ~ N(0, I).
 
     Args:
         x0: (B, C, S, S) clean slices.
         abar_t: the cumulative product of alphas at t, in (0, 1).
-        generator: random source on ``x0.device`` (None: torch's global one).
+        generator: random source on ``x0.device``: one for the batch, or a sequence of B, one per
+            slice (then a slice's noise does not depend on the batch it is in); None: torch's global one.
     """
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if generator is None or isinstance(generator, torch.Generator):
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    else:
+        if len(generator) != x0.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {x0.shape[0]} slices; give one per slice")
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=x0.device, dtype=x0.dtype) for g in generator])
     return math.sqrt(abar_t) * x0 + math.sqrt(1.0 - abar_t) * noise
 
 
@@ -119,37 +144,57 @@ def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float) -> torch.T
     return ((x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)).clamp(-1.0, 1.0)
 
 
-def ddim_inversion_step(
-    x_prev: torch.Tensor,
-    xu_prev: torch.Tensor,
-    eps_u_prev: torch.Tensor,
-    abar_prev: float,
+def ddim_step(
+    x_t: torch.Tensor,
+    x0_hat: torch.Tensor,
+    eps: torch.Tensor,
     abar_t: float,
-    inversion: str = "reference",
+    abar_to: float,
+    rederive_eps: bool = True,
 ) -> torch.Tensor:
-    """One unguided, deterministic (eta = 0) DDIM inversion step from t_prev to t (ALGORITHM.md section 4).
+    """One deterministic (eta = 0) DDIM move from noise level ``abar_t`` to ``abar_to``, either way.
 
-    ``"reference"`` re-derives the noise from the clipped UGP,
-    ``eps' = (x_prev / sqrt(abar_prev) - xu_prev) / sqrt(1 / abar_prev - 1)``; ``"monai"`` keeps the raw
-    network noise ``eps_u_prev`` as MONAI's ``DDIMScheduler.reversed_step`` does (it too clips x_0).
-    Both then return ``sqrt(abar_t) * xu_prev + sqrt(1 - abar_t) * eps'``; they agree whenever the
-    clipping of the UGP is inactive.
+    Upwards (``abar_to < abar_t``) it is the DDIM inversion of the forward process (ALGORITHM.md
+    section 4); downwards it is the DDIM sampler (the ddib baseline's decoding; ``abar_to = 1``
+    returns ``x0_hat``). With ``rederive_eps`` (the reference's choice and the default) the noise is
+    re-derived from the clipped prediction, ``eps' = (x_t / sqrt(abar_t) - x0_hat) / sqrt(1 / abar_t - 1)``;
+    without it the raw network ``eps`` is kept, as MONAI's ``DDIMScheduler.reversed_step`` does (it
+    too clips x_0). The two agree whenever the clipping of ``x0_hat`` is inactive.
 
     Args:
-        x_prev: (B, C, S, S) input at the previous visited step.
-        xu_prev: (B, C, S, S) clipped UGP at the previous step (eq. 10).
-        eps_u_prev: (B, C, S, S) raw unconditional network noise at the previous step.
-        abar_prev: cumulative alpha product at t_prev, in (0, 1).
-        abar_t: cumulative alpha product at t, in (0, 1).
-        inversion: ``"reference"`` (default) or ``"monai"``.
+        x_t: (B, C, S, S) input at noise level ``abar_t``.
+        x0_hat: (B, C, S, S) clipped prediction of x_0 from ``(x_t, eps)`` (:func:`predicted_x0`).
+        eps: (B, C, S, S) the network noise that gave ``x0_hat``.
+        abar_t: cumulative alpha product of the input, in (0, 1).
+        abar_to: cumulative alpha product of the target, in (0, 1].
+
+    Returns:
+        (B, C, S, S) ``sqrt(abar_to) * x0_hat + sqrt(1 - abar_to) * eps'``.
     """
-    if inversion == "reference":
-        eps = (x_prev / math.sqrt(abar_prev) - xu_prev) / math.sqrt(1.0 / abar_prev - 1.0)
-    elif inversion == "monai":
-        eps = eps_u_prev
-    else:
-        raise ValueError(f"inversion={inversion!r} must be one of {INVERSIONS}")
-    return math.sqrt(abar_t) * xu_prev + math.sqrt(1.0 - abar_t) * eps
+    if rederive_eps:
+        eps = (x_t / math.sqrt(abar_t) - x0_hat) / math.sqrt(1.0 / abar_t - 1.0)
+    return math.sqrt(abar_to) * x0_hat + math.sqrt(1.0 - abar_to) * eps
+
+
+@dataclass
+class StepState:
+    """What a per-step callback of :func:`run_forward_process` sees at one visited step (read only).
+
+    Attributes:
+        index: position of the step among the visited ones (0-based).
+        t: the timestep.
+        x_t: (B, C, S, S) the noised input.
+        xh_m: (G, B, M, S, S) HGP on the map channels.
+        xu_m: (B, M, S, S) UGP on the map channels.
+        x0_m: (B, M, S, S) the clean slices' map channels.
+    """
+
+    index: int
+    t: int
+    x_t: torch.Tensor
+    xh_m: torch.Tensor
+    xu_m: torch.Tensor
+    x0_m: torch.Tensor
 
 
 class _StreamingStats:
@@ -257,7 +302,8 @@ def run_forward_process(
     map_channels: Sequence[int] = (0,),
     include_end_step: bool = True,
     inversion: str = "reference",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    callback: Callable[[StepState], None] | None = None,
     progress: bool = False,
 ) -> ForwardProcessResult:
     """Run the forward process on a batch of slices for several guidance strengths at once.
@@ -271,7 +317,7 @@ def run_forward_process(
 
     Encodings (ALGORITHM.md section 4): ``"ddpm"`` noises x_0 afresh at every visited step;
     ``"ddim"`` noises it at the first visited step and then applies the unguided DDIM inversion
-    (:func:`ddim_inversion_step`) to the previous step, reusing that step's network call. All
+    (:func:`ddim_step`) to the previous step, reusing that step's network call. All
     computation is in float32 on ``x0.device``.
 
     Args:
@@ -290,7 +336,11 @@ def run_forward_process(
         inversion: DDIM only: ``"reference"`` re-derives eps from the clipped UGP (default);
             ``"monai"`` keeps the raw network eps as ``monai.networks.schedulers.DDIMScheduler.reversed_step``
             does (equal to it for ``stride == T // num_inference_steps``).
-        generator: random source on ``x0.device``; a fixed seed makes the run bit-reproducible.
+        generator: random source on ``x0.device``, or a sequence of B generators, one per slice (so a
+            slice's outputs do not depend on how slices are batched); fixed seeds make the run
+            bit-reproducible.
+        callback: called with a :class:`StepState` after every visited step, to observe the loop
+            (e.g. keep every step's maps, which the engine itself does not) without copying it.
         progress: show a tqdm progress bar over the visited steps.
 
     Returns:
@@ -317,11 +367,13 @@ def run_forward_process(
         if encoding == "ddpm" or index == 0:
             x_t = noised(x0, abar[t], generator)
         else:
-            x_t = ddim_inversion_step(x_t, xu, eps_u, abar_prev, abar[t], inversion)
+            x_t = ddim_step(x_t, xu, eps_u, abar_prev, abar[t], rederive_eps=inversion == "reference")
         eps_c, eps_u = predict_cond_and_null(predict_eps, x_t, t)
         xh = predicted_x0(x_t, guided_eps(eps_c, eps_u, w), abar[t])  # (G, B, C, S, S)
         xu = predicted_x0(x_t, eps_u, abar[t])  # (B, C, S, S)
         stats.update(index, xh[:, :, channel_index], xu[:, channel_index])
+        if callback is not None:
+            callback(StepState(index, t, x_t, xh[:, :, channel_index], xu[:, channel_index], stats.x0_m))
         abar_prev = abar[t]
 
     return ForwardProcessResult(

@@ -6,8 +6,8 @@ steps (as calibration does): unhealthy-setup DICE and pooled AUPRC of the aggreg
 (w, N) taken on these slices, so optimistic for every setting alike), the ROC AUC of the paper's
 cosine-similarity health score and of dmax, and where t_e falls. With one budget it is a sweep
 over w alone. Pixel labels are used only to score; this is a diagnostic, never an input to the
-method. It keeps per-step maps, which the engine (streaming, by design) does not, so it runs its
-own loop over the engine's step functions (DDIM only).
+method. It keeps per-step maps, which the engine (streaming, by design) does not, through the
+engine's per-step callback (DDIM only).
 
     python benchmarks/budget_sweep.py --store /tmp/anofpdm_accuracy/test_store --slices 32
 """
@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
 from anofpdm_monai.data import PreprocessedStore  # noqa: E402
-from anofpdm_monai.forward_process import ddim_inversion_step, noised, predicted_x0, visited_timesteps  # noqa: E402
-from anofpdm_monai.guidance import guided_eps, predict_cond_and_null  # noqa: E402
+from anofpdm_monai.forward_process import run_forward_process, visited_timesteps  # noqa: E402
 from anofpdm_monai.inferers import load_calibration  # noqa: E402
 from anofpdm_monai.metrics import PooledAUPRC, brain_foreground, dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16  # noqa: E402
@@ -41,23 +40,14 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (pos.size * neg.size))
 
 
-@torch.no_grad()
-def per_step_outputs(predict_eps, x0, abar, w, steps, stride, channels, generator):
-    """DDIM forward process keeping every step: SAMs (G, B, K, M, S, S), d, mse_h, mse_u (G, B, K, M)."""
-    sams, d, mse_h, mse_u = [], [], [], []
-    x_t = xu = eps_u = None
-    for index, t in enumerate(visited_timesteps(steps, stride)):
-        x_t = noised(x0, abar[t], generator) if index == 0 else ddim_inversion_step(x_t, xu, eps_u, abar_prev, abar[t])
-        eps_c, eps_u = predict_cond_and_null(predict_eps, x_t, t)
-        xh = predicted_x0(x_t, guided_eps(eps_c, eps_u, w), abar[t])[:, :, channels]
-        xu = predicted_x0(x_t, eps_u, abar[t])
-        sam = (xh - x0[:, channels]).square()
-        sams.append(sam)
-        d.append((xh - xu[:, channels]).square().mean((-2, -1)))
-        mse_h.append(sam.mean((-2, -1)))
-        mse_u.append((xu[:, channels] - x0[:, channels]).square().mean((-2, -1)).expand_as(mse_h[-1]))
-        abar_prev = abar[t]
-    return (torch.stack(v, 2) for v in (sams, d, mse_h, mse_u))
+def per_step_outputs(predict_eps, x0, abar, grid, steps, stride, channels, generator):
+    """DDIM forward process keeping every step's SAMs (G, B, K, M, S, S), through the engine's per-step hook;
+    with the engine's d, mse_h, mse_u (G, B, K, M)."""
+    sams = []
+    result = run_forward_process(predict_eps, x0, abar, guidance_scales=grid, steps=steps, stride=stride,
+                                 map_channels=channels, generator=generator,
+                                 callback=lambda step: sams.append((step.xh_m - step.x0_m).square()))  # fmt: skip
+    return torch.stack(sams, 2), result.divergence, result.mse_h, result.mse_u
 
 
 def main() -> None:
@@ -77,7 +67,7 @@ def main() -> None:
     network, config = load_model_folder(model_dir)
     channels = load_calibration(model_dir, "ddim").map_channel_indices
     predict_eps = NoisePredictor(network, autocast=use_bf16(args.precision, torch.device("cpu")))
-    abar = build_scheduler(config.diffusion).alphas_cumprod.double().tolist()
+    abar = build_scheduler(config.diffusion).alphas_cumprod
     store = PreprocessedStore(args.store)
     rows = store.rows(args.split)
     rows = pd.concat([rows[rows["label"] == y].sample(n=args.slices, random_state=0) for y in (1, 0)])
@@ -85,9 +75,8 @@ def main() -> None:
     labels = np.asarray(labels)
     budgets = sorted(int(n) for n in args.budgets.split(","))
     grid = [float(w) for w in args.w_grid.split(",")]
-    w = torch.tensor(grid).view(-1, 1, 1, 1, 1)
     generator = torch.Generator().manual_seed(0)
-    parts = [per_step_outputs(predict_eps, images[s : s + args.batch_size], abar, w, budgets[-1], args.stride, channels, generator)
+    parts = [per_step_outputs(predict_eps, images[s : s + args.batch_size], abar, grid, budgets[-1], args.stride, channels, generator)
              for s in range(0, len(images), args.batch_size)]  # fmt: skip
     sams, d, mse_h, mse_u = (torch.cat(p, dim=1) for p in zip(*parts))
     unhealthy, area = labels == 1, min_component_area(images.shape[-1])

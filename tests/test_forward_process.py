@@ -430,3 +430,60 @@ def test_cuda_matches_cpu():
     assert gpu.aggregated_map.is_cuda and gpu.timesteps.is_cuda
     assert gpu.divergence.shape == cpu.divergence.shape
     assert torch.isfinite(gpu.divergence).all()
+
+
+# ---------------------------------------------------------------- per-slice generators, hook, DDIM step
+
+
+@pytest.mark.parametrize("encoding", ["ddim", "ddpm"])
+def test_per_slice_generators_make_outputs_independent_of_the_batching(encoding):
+    x0 = make_x0(batch=5, channels=2)
+    predictor = RandomPredictor(2)
+    kwargs = dict(guidance_scales=[1.0, 3.0], steps=9, stride=2, encoding=encoding, map_channels=(0, 1))
+    whole = run_forward_process(predictor, x0, ABAR, generator=[seeded(100 + i) for i in range(5)], **kwargs)
+    parts = [
+        run_forward_process(predictor, x0[a:b], ABAR, generator=[seeded(100 + i) for i in range(a, b)], **kwargs)
+        for a, b in ((0, 2), (2, 5))
+    ]
+    joined = ForwardProcessResult.concatenate(parts)
+    for name in TENSOR_FIELDS:
+        torch.testing.assert_close(getattr(joined, name), getattr(whole, name), rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="one per slice"):
+        run_forward_process(predictor, x0, ABAR, generator=[seeded(0)], **kwargs)
+
+
+def test_concatenate_refuses_parts_of_different_runs():
+    x0 = make_x0(batch=2)
+    a = run_forward_process(RandomPredictor(2), x0, ABAR, guidance_scales=[1.0], steps=4, generator=seeded())
+    b = run_forward_process(RandomPredictor(2), x0, ABAR, guidance_scales=[2.0], steps=4, generator=seeded())
+    with pytest.raises(ValueError, match="not one run"):
+        ForwardProcessResult.concatenate([a, b])
+
+
+def test_callback_sees_every_visited_step_with_the_engine_statistics():
+    x0 = make_x0(batch=3, channels=2)
+    seen = []
+    result = run_forward_process(
+        RandomPredictor(2), x0, ABAR, guidance_scales=[0.5, 2.0], steps=7, stride=3, map_channels=(1,),
+        generator=seeded(), callback=seen.append,
+    )  # fmt: skip
+    assert [s.t for s in seen] == [0, 3, 6] and [s.index for s in seen] == [0, 1, 2]
+    for s in seen:
+        assert s.xh_m.shape == (2, 3, 1, 8, 8) and s.xu_m.shape == (3, 1, 8, 8)
+        torch.testing.assert_close(((s.xh_m - s.x0_m).square()).mean((-2, -1)), result.mse_h[:, :, s.index])
+        torch.testing.assert_close(((s.xh_m - s.xu_m).square()).mean((-2, -1)), result.divergence[:, :, s.index])
+
+
+def test_ddim_step_down_to_the_clean_level_returns_the_prediction_and_up_and_down_invert():
+    from anofpdm_monai.forward_process import ddim_step, predicted_x0
+
+    x0 = make_x0(batch=2, limit=0.5)
+    eps = torch.randn(x0.shape, generator=seeded())
+    a_lo, a_hi = float(ABAR[50]), float(ABAR[200])
+    x_t = math.sqrt(a_lo) * x0 + math.sqrt(1 - a_lo) * eps
+    x0_hat = predicted_x0(x_t, eps, a_lo)
+    torch.testing.assert_close(ddim_step(x_t, x0_hat, eps, a_lo, 1.0), x0_hat)
+    up = ddim_step(x_t, x0_hat, eps, a_lo, a_hi)  # the inversion: same x0 and eps at a higher noise level
+    torch.testing.assert_close(up, math.sqrt(a_hi) * x0 + math.sqrt(1 - a_hi) * eps, rtol=0, atol=1e-5)
+    down = ddim_step(up, predicted_x0(up, eps, a_hi), eps, a_hi, a_lo)
+    torch.testing.assert_close(down, x_t, rtol=0, atol=1e-5)
