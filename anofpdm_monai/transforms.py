@@ -48,6 +48,9 @@ class CaseGeometry:
         crop_box: ``((x0, x1), (y0, y1))``, the square field (RAS voxel indices, end exclusive; it may
             reach beyond the volume, where it is zero-padded) that was resized to S x S, or None
             when the whole axial plane was (the paper's chain).
+        slice_voxel_mm: size in mm of a pixel of the S x S slices along (X, Y) and the slice
+            spacing (Z), i.e. the voxel of the stacked slices; post-processing in physical units
+            uses it.
     """
 
     reference: Path
@@ -57,6 +60,7 @@ class CaseGeometry:
     slice_indices: np.ndarray
     registration: dict[str, Any] | None = None
     crop_box: tuple[tuple[int, int], tuple[int, int]] | None = None
+    slice_voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 class LoadCased(MapTransform):
@@ -361,10 +365,12 @@ def preprocess_case(
     label_planes = data["label"].as_tensor()[..., keep] if "label" in data else None
     box = None
     if crop_margin_mm is not None:
-        spacing = np.linalg.norm(np.asarray(data["image"].affine)[:3, :2], axis=0)
-        box = brain_square_box((image != 0).any(dim=0), spacing, crop_margin_mm)
+        box = brain_square_box((image != 0).any(dim=0), np.linalg.norm(np.asarray(data["image"].affine)[:3, :2], axis=0), crop_margin_mm)
         planes = crop_planes(planes, box)
         label_planes = None if label_planes is None else crop_planes(label_planes, box)
+    spacing = np.linalg.norm(np.asarray(data["image"].affine)[:3, :3], axis=0)
+    field_voxels = planes.shape[1:3]
+    slice_voxel_mm = tuple(float(spacing[i] * field_voxels[i] / image_size) for i in (0, 1)) + (float(spacing[2]),)
     slices = scale_slices(resize_slices(planes, image_size))
     masks = None if label_planes is None else resize_slices(label_planes, image_size)[:, 0] > 0.5
     reference = nib.load(str(data["reference"]))
@@ -376,6 +382,7 @@ def preprocess_case(
         slice_indices=keep.numpy(),
         registration=data.get("registration"),
         crop_box=box,
+        slice_voxel_mm=slice_voxel_mm,
     )
     return PreprocessedCase(slices, masks, geometry)
 

@@ -279,6 +279,8 @@ def test_brain_crop_inverse_is_exact_when_no_resize_is_needed(tmp_path):
     case = preprocess_case([path], label, image_size=34, crop_margin_mm=2.0)
     (x0, x1), (y0, y1) = case.geometry.crop_box
     assert (x1 - x0, y1 - y0) == (34, 34)
+    assert case.geometry.slice_voxel_mm == pytest.approx((1.0, 1.0, 1.0))
+    assert preprocess_case([path], label, image_size=17, crop_margin_mm=2.0).geometry.slice_voxel_mm == pytest.approx((2.0, 2.0, 1.0))
     back = slices_to_volume(case.masks, case.geometry, "mask")
     np.testing.assert_array_equal(back, lesion.astype(np.uint8))
 
