@@ -9,6 +9,11 @@ Rician noise. Lesions are drawn in the case's own space:
 * ``brats``: tumours with a necrotic core (label 1), an irregular enhancing rim (4) and
   oedema (2) that spreads along white matter, on FLAIR, T1, T1ce and T2, 240 x 240 x 155 at 1 mm,
   stored the way BraTS21 ships them (LPS voxel order, int16).
+  Besides tumours (``tumour``), a ``brats`` lesion case can carry MS-like plaques (``ms``: 3 to 15
+  small ovoid T2/FLAIR-hyperintense lesions, periventricular, juxtacortical or in deep white
+  matter, some enhancing) or low-contrast infiltrative regions (``infiltrative``: 1 or 2 diffuse
+  5 to 40 ml regions with soft borders, ground truth where the lesion weight reaches 0.5), both
+  label 2. ``generate_cohort(lesions=...)`` picks the mix (default: all three, one kind per case).
 * ``atlas``: chronic stroke lesions (T1-hypointense cavity with a gliotic rim, cortical and
   subcortical, 0.5 to 150 ml) on T1w only, 197 x 233 x 189 at 1 mm in MNI space (label 1).
 
@@ -44,6 +49,17 @@ TUMOUR_CONTRAST = {
     2: {"flair": 0.90, "t1": 0.65, "t1ce": 0.65, "t2": 0.85},
     4: {"flair": 0.80, "t1": 0.70, "t1ce": 1.10, "t2": 0.70},
 }
+
+# Lesion kinds each layout can draw, and the default mix (shared/PHANTOM.md, issue 12).
+LESION_KINDS = {"brats": ("tumour", "ms", "infiltrative"), "atlas": ("stroke", "ms", "infiltrative")}
+DEFAULT_LESIONS = {"brats": ("tumour", "ms", "infiltrative"), "atlas": ("stroke",)}
+LESION_METADATA = "phantom_lesions.json"
+# MS-like plaques: (low, high) per channel, drawn per lesion; T1ce = T1 unless the plaque enhances.
+MS_CONTRAST = {"flair": (0.70, 0.90), "t2": (0.75, 0.90), "t1": (0.60, 0.95)}
+MS_ENHANCING = (1.00, 1.12)  # T1ce of an enhancing plaque (whole or rim)
+MS_ENHANCING_FRACTION = 0.3
+# Infiltrative regions: relative signal change over the underlying tissue, (low, high) per channel.
+INFILTRATIVE_CHANGE = {"flair": (0.15, 0.25), "t2": (0.10, 0.20), "t1": (-0.10, -0.05), "t1ce": (-0.10, -0.05)}
 
 BRATS_SHAPE = (240, 240, 155)
 # LPS voxel order like the BraTS21 files; the brain sits in the middle of the grid.
@@ -106,6 +122,45 @@ class Lesion:
     radius: float
     axes: np.ndarray  # (3, 3) random ellipsoid stretch
     extent: float = 1.0  # oedema reach relative to the tumour radius (brats)
+    kind: str = "tumour"
+
+
+def parse_lesions(layout: str, lesions: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Validated tuple of lesion kinds for ``layout`` (``None`` or empty: the layout's default mix)."""
+    if layout not in LESION_KINDS:
+        raise ValueError(f"layout={layout!r}; choose 'brats' or 'atlas'")
+    if lesions is None:
+        return DEFAULT_LESIONS[layout]
+    names = lesions.split(",") if isinstance(lesions, str) else list(lesions)
+    names = [n.strip().lower() for n in names if n.strip()]
+    if not names:
+        return DEFAULT_LESIONS[layout]
+    allowed = LESION_KINDS[layout]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(
+            f"unknown lesion kind(s) {', '.join(map(repr, unknown))} for layout {layout!r}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+@functools.lru_cache(maxsize=1)
+def _ms_candidates() -> dict[str, np.ndarray]:
+    """Template voxels (i, j, k) where MS plaques sit: periventricular, juxtacortical, deep white matter."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    t = load_template()
+    brain = t.brain > 0.5
+    deep = binary_erosion(brain, iterations=15)  # far from the cortical surface
+    ventricles = (t.csf > 0.6) & deep
+    cerebrum = np.zeros_like(brain)
+    cerebrum[:, :, int(t.brain.shape[2] * 0.35) :] = True
+    periventricular = (t.wm > 0.5) & binary_dilation(ventricles, iterations=5) & ~ventricles & cerebrum
+    juxtacortical = (t.wm > 0.45) & (t.wm < 0.8) & binary_dilation(t.gm > 0.5, iterations=2) & brain & cerebrum
+    deep_wm = (t.wm > 0.85) & brain & cerebrum
+    return {name: np.argwhere(mask) for name, mask in
+            (("periventricular", periventricular), ("juxtacortical", juxtacortical), ("deep", deep_wm))}  # fmt: skip
 
 
 class PhantomCase:
@@ -115,11 +170,21 @@ class PhantomCase:
         layout: ``brats`` or ``atlas``.
         n_lesions: number of lesions (0 for a healthy case).
         seed: per-case seed; the same seed gives the same case.
+        kind: lesion kind (``tumour``, ``stroke``, ``ms``, ``infiltrative``); ``None`` is the
+            layout's classic kind (tumours for ``brats``, strokes for ``atlas``).
+
+    After :meth:`generate`, ``lesion_info`` lists each lesion's kind, centre voxel on the output
+    grid and ground-truth volume (ml).
     """
 
-    def __init__(self, layout: str, n_lesions: int, seed: int) -> None:
+    def __init__(self, layout: str, n_lesions: int, seed: int, kind: str | None = None) -> None:
         if layout not in ("brats", "atlas"):
             raise ValueError(f"layout={layout!r}; choose 'brats' or 'atlas'")
+        kind = ("tumour" if layout == "brats" else "stroke") if kind is None else kind
+        if kind not in LESION_KINDS[layout]:
+            raise ValueError(f"lesion kind {kind!r} for layout {layout!r}; allowed: {', '.join(LESION_KINDS[layout])}")
+        self.kind = kind
+        self.lesion_info: list[dict] = []
         self.layout = layout
         self.n_lesions = n_lesions
         self.rng = np.random.default_rng(seed)
@@ -159,6 +224,10 @@ class PhantomCase:
 
     def _pick_lesions(self, m: np.ndarray, b: np.ndarray) -> list[Lesion]:
         """Draw lesion centres on template tissue and map them into the case's world."""
+        if self.kind == "ms":
+            return self._pick_ms(m, b)
+        if self.kind == "infiltrative":
+            return self._pick_infiltrative(m, b)
         t = self.template
         if self.layout == "brats":
             candidates = np.argwhere((t.wm > 0.7) & (t.brain > 0.5))
@@ -180,6 +249,133 @@ class PhantomCase:
             extent = self.rng.uniform(1.4, 2.0) if self.layout == "brats" else 1.0
             lesions.append(Lesion(centre=centre, radius=radius / extent, axes=axes, extent=extent))
         return lesions
+
+    def _pick_ms(self, m: np.ndarray, b: np.ndarray) -> list[Lesion]:
+        """3 to 15 small ovoid plaques (3 to 15 mm across) in periventricular, juxtacortical or deep WM."""
+        t = self.template
+        pools = _ms_candidates()
+        minv = np.linalg.inv(m)
+        lesions: list[Lesion] = []
+        for _ in range(self.n_lesions):
+            # Mostly small plaques: diameters log-uniform in [3, 15] mm.
+            radius = 0.5 * math.exp(self.rng.uniform(math.log(3.0), math.log(15.0)))
+            site = self.rng.choice(["periventricular", "juxtacortical", "deep"], p=[0.45, 0.35, 0.2])
+            for _attempt in range(20):  # keep plaques apart, so each stays its own component
+                ijk = pools[site][self.rng.integers(len(pools[site]))]
+                centre = minv @ (t.affine[:3, :3] @ ijk + t.affine[:3, 3] - b)
+                if all(np.linalg.norm(centre - o.centre) > 1.6 * (radius + o.radius) + 3.0 for o in lesions):
+                    break
+            else:
+                continue
+            # Ovoid: one axis up to 1.8x longer than the others (Dawson's fingers, roughly).
+            stretch = np.array([self.rng.uniform(0.55, 0.9), self.rng.uniform(0.9, 1.1), self.rng.uniform(0.9, 1.1)])
+            axes = np.diag(stretch / np.cbrt(np.prod(stretch))) @ _rotation(self.rng.uniform(-90, 90, size=3))
+            lesions.append(Lesion(centre=centre, radius=radius, axes=axes, kind="ms"))
+        return lesions
+
+    def _pick_infiltrative(self, m: np.ndarray, b: np.ndarray) -> list[Lesion]:
+        """1 or 2 large diffuse regions (5 to 40 ml) centred in deep white matter."""
+        t = self.template
+        candidates = np.argwhere((t.wm > 0.8) & (t.brain > 0.5))
+        candidates = candidates[candidates[:, 2] > t.brain.shape[2] * 0.35]
+        minv = np.linalg.inv(m)
+        lesions = []
+        for _ in range(self.n_lesions):
+            volume = math.exp(self.rng.uniform(math.log(5.0), math.log(40.0)))
+            ijk = candidates[self.rng.integers(len(candidates))]
+            centre = minv @ (t.affine[:3, :3] @ ijk + t.affine[:3, 3] - b)
+            radius = (3.0 * volume * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+            axes = np.diag(self.rng.uniform(0.8, 1.25, size=3)) @ _rotation(self.rng.uniform(-90, 90, size=3))
+            lesions.append(Lesion(centre=centre, radius=radius, axes=axes, kind="infiltrative"))
+        return lesions
+
+    def _window(self, centre: np.ndarray, half_mm: float) -> tuple[slice, ...]:
+        """Box-relative slices of a cube of half-width ``half_mm`` around world point ``centre``."""
+        inv = np.linalg.inv(self.affine)
+        ijk = inv[:3, :3] @ centre + inv[:3, 3] - np.array([s.start for s in self.box])
+        half = int(math.ceil(half_mm))  # 1 mm voxels in both layouts
+        return tuple(
+            slice(int(min(max(round(c) - half, 0), n)), int(min(max(round(c) + half + 1, 0), n)))
+            for c, n in zip(ijk, self.shape)
+        )
+
+    def _output_voxel(self, centre: np.ndarray) -> list[int]:
+        inv = np.linalg.inv(self.affine)
+        return [int(round(v)) for v in inv[:3, :3] @ centre + inv[:3, 3]]
+
+    def _local_level(self, world: torch.Tensor, lesion: Lesion, noise: float, feature_mm: float) -> torch.Tensor:
+        """Irregular normalised distance inside a window (``world`` is the window's grid)."""
+        offset = (world - torch.from_numpy(lesion.centre.astype(np.float32))) @ torch.from_numpy(
+            lesion.axes.astype(np.float32)
+        ).T
+        shape = tuple(world.shape[:3])
+        coarse = max(3, int(math.ceil(max(shape) / feature_mm)))
+        return offset.norm(dim=-1) / lesion.radius + noise * _smooth_noise(shape, coarse, self.rng)
+
+    def _ms_plaques(self, world: torch.Tensor, lesions: list[Lesion], tissue: torch.Tensor, brain: torch.Tensor):
+        """Plaque masks (box), and per-channel soft weight / value sums for the contrast step."""
+        from scipy.ndimage import gaussian_filter, label
+
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        weight = torch.zeros(self.shape)
+        values = {name: torch.zeros(self.shape) for name in self.channels}
+        case_gain = self.rng.uniform(0.9, 1.1)
+        for lesion in lesions:
+            win = self._window(lesion.centre, 1.6 * lesion.radius / 0.75 + 4)
+            level = self._local_level(world[win], lesion, 0.15, 4.0)
+            level = level - 0.35 * (tissue[0][win] - 0.5)  # plaques keep to white matter
+            member = (level < 1.0) & brain[win] & (tissue[2][win] < 0.5) & ~mask[win]
+            if not member.any():
+                continue
+            components, n = label(member.numpy())
+            if n > 1:  # one plaque, one component
+                sizes = np.bincount(components.ravel())[1:]
+                member = torch.from_numpy(components == 1 + int(np.argmax(sizes)))
+            if int(member.sum()) < 5:  # squeezed out by CSF or grey matter: under ~2 mm across, dropped
+                continue
+            mask[win] |= member
+            soft = torch.from_numpy(gaussian_filter(member.float().numpy(), 0.8, truncate=2.5))
+            weight[win] += soft
+            t1 = self.rng.uniform(*MS_CONTRAST["t1"]) * case_gain
+            draw = {n: self.rng.uniform(*MS_CONTRAST[n]) * case_gain for n in ("flair", "t2")}
+            enhancing = self.rng.random() < MS_ENHANCING_FRACTION
+            rim = self.rng.random() < 0.5
+            t1ce = self.rng.uniform(*MS_ENHANCING) * case_gain
+            for name in self.channels:
+                if name in draw:
+                    value = member.float() * draw[name]
+                elif name == "t1ce" and enhancing:
+            centre = self._output_voxel(lesion.centre)
+            info = {"kind": "ms", "centre_voxel": centre, "volume_ml": int(member.sum()) / 1000.0}
+                    value = member.float() * torch.where(ring, torch.tensor(t1ce), torch.tensor(t1))
+                else:
+                    value = member.float() * t1
+                values[name][win] += torch.from_numpy(gaussian_filter(value.numpy(), 0.8, truncate=2.5))
+            info = {"kind": "ms", "centre_voxel": self._output_voxel(lesion.centre), "volume_ml": int(member.sum()) / 1000.0}
+            if enhancing:
+                info["enhancing"] = "rim" if rim else "whole"
+            self.lesion_info.append(info)
+        return mask, weight, values
+
+    def _infiltrative_regions(
+        self, world: torch.Tensor, lesions: list[Lesion], tissue: torch.Tensor, brain: torch.Tensor
+    ) -> torch.Tensor:
+        """Continuous lesion weight (box) with soft borders; ground truth is weight >= 0.5."""
+        wm, csf = tissue[0], tissue[2]
+        weight = torch.zeros(self.shape)
+        for lesion in lesions:
+            softness = self.rng.uniform(2.0, 3.5)  # mm; 10 % to 90 % over about 4.4 x softness
+            win = self._window(lesion.centre, 1.9 * lesion.radius / 0.8 + 5 * softness)
+            level = self._local_level(world[win], lesion, 0.25, 12.0)
+            level = level - 0.3 * (wm[win] - 0.6)  # spreads along white matter
+            local = torch.sigmoid((1.0 - level) * lesion.radius / softness) * (1.0 - csf[win]).clamp(0, 1)
+            local = torch.where(brain[win], local, torch.zeros(()))
+            before = weight[win] >= 0.5
+            weight[win] = torch.maximum(weight[win], local)
+            volume = int(((local >= 0.5) & ~before).sum())
+            self.lesion_info.append({"kind": "infiltrative", "centre_voxel": self._output_voxel(lesion.centre),
+                                     "volume_ml": volume / 1000.0})  # fmt: skip
+        return weight
 
     def _lesion_level(self, world: torch.Tensor, lesion: Lesion) -> torch.Tensor:
         """Irregular normalised distance (X, Y, Z): 1.0 on the lesion's nominal border."""
@@ -212,16 +408,33 @@ class PhantomCase:
         )
         tissue = self._sample_template(source)  # (4, X, Y, Z): wm, gm, csf, brain
         brain = tissue[3] > 0.5
-        memberships: dict[int, torch.Tensor] = {}
-        for lesion in lesions:
-            level = self._lesion_level(world, lesion)
-            for label, member in self._lesion_parts(level, lesion, tissue).items():
-                memberships[label] = memberships.get(label, torch.zeros(self.shape, dtype=torch.bool)) | (member & brain)
+        self.tissue = tissue  # kept for inspection (tests): the case's tissue maps inside self.box
+        self.lesion_info = []
         labels = torch.zeros(self.shape, dtype=torch.uint8)
-        for label in (2, 1, 4):  # BraTS priority: enhancing over necrosis over oedema (ATLAS has label 1 only)
-            if label in memberships:
-                labels[memberships[label]] = label
-        images = self._contrast(tissue, labels, brain)
+        lesion_label = 2 if self.layout == "brats" else 1
+        if self.kind == "ms":
+            mask, weight, values = self._ms_plaques(world, lesions, tissue, brain)
+            labels[mask] = lesion_label
+            images = self._contrast(tissue, labels, brain, ms=(weight, values))
+        elif self.kind == "infiltrative":
+            weight = self._infiltrative_regions(world, lesions, tissue, brain)
+            labels[weight >= 0.5] = lesion_label
+            images = self._contrast(tissue, labels, brain, infiltrative=weight)
+        else:
+            memberships: dict[int, torch.Tensor] = {}
+            for lesion in lesions:
+                level = self._lesion_level(world, lesion)
+                own = torch.zeros(self.shape, dtype=torch.bool)
+                for label, member in self._lesion_parts(level, lesion, tissue).items():
+                    member = member & brain
+                    own |= member
+                    memberships[label] = memberships.get(label, torch.zeros(self.shape, dtype=torch.bool)) | member
+                self.lesion_info.append({"kind": self.kind, "centre_voxel": self._output_voxel(lesion.centre),
+                                         "volume_ml": int(own.sum()) / 1000.0})  # fmt: skip
+            for label in (2, 1, 4):  # BraTS priority: enhancing over necrosis over oedema (ATLAS has label 1 only)
+                if label in memberships:
+                    labels[memberships[label]] = label
+            images = self._contrast(tissue, labels, brain)
         return {name: self._paste(img.numpy()) for name, img in images.items()}, self._paste(labels.numpy())
 
     def _paste(self, box_array: np.ndarray) -> np.ndarray:
@@ -253,21 +466,47 @@ class PhantomCase:
         oedema = (spread < 0.85) & (csf < 0.5) & ~core & ~rim
         return {1: core, 4: rim, 2: oedema}
 
-    def _contrast(self, tissue: torch.Tensor, labels: torch.Tensor, brain: torch.Tensor) -> dict[str, torch.Tensor]:
-        """MR channels from tissue maps and labels, with partial volume, texture, bias field, noise."""
+    def _contrast(
+        self,
+        tissue: torch.Tensor,
+        labels: torch.Tensor,
+        brain: torch.Tensor,
+        ms: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+        infiltrative: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """MR channels from tissue maps and labels, with partial volume, texture, bias field, noise.
+
+        Tumours and strokes are painted from ``labels``; MS plaques from ``ms`` (summed soft weight,
+        summed soft weight x plaque value per channel); infiltrative regions scale the underlying
+        tissue by the continuous weight ``infiltrative``.
+        """
         wm, gm, csf, _ = tissue
         total = (wm + gm + csf).clamp_min(1e-3)
         fractions = {"wm": wm / total, "gm": gm / total, "csf": csf / total}
-        label_values = [1, 2, 4] if self.layout == "brats" else [1]
-        soft = _gaussian_blur(torch.stack([(labels == v).float() for v in label_values]), 0.8)
-        # Oedema infiltrates: how much of a voxel's signal it replaces varies in space.
-        infiltration = (0.9 + 0.15 * _smooth_noise(self.shape, 12, self.rng)).clamp(0.5, 1.0)
-        atlas_cavity = self.rng.uniform(0.25, 0.40)
-        atlas_rim = self.rng.uniform(0.55, 0.70)
+        classic = ms is None and infiltrative is None
+        label_values = ([1, 2, 4] if self.layout == "brats" else [1]) if classic else []
+        if classic:
+            soft = _gaussian_blur(torch.stack([(labels == v).float() for v in label_values]), 0.8)
+            # Oedema infiltrates: how much of a voxel's signal it replaces varies in space.
+            infiltration = (0.9 + 0.15 * _smooth_noise(self.shape, 12, self.rng)).clamp(0.5, 1.0)
+            atlas_cavity = self.rng.uniform(0.25, 0.40)
+            atlas_rim = self.rng.uniform(0.55, 0.70)
         images = {}
         for name in self.channels:
             jitter = {k: v * self.rng.uniform(0.9, 1.1) for k, v in TISSUE_CONTRAST[name].items()}
             image = sum(fractions[k] * jitter[k] for k in TISSUES)
+            if ms is not None:
+                weight_sum, value_sums = ms
+                weight = weight_sum.clamp(0.0, 1.0)
+                # Plaque values follow the case's own jittered tissue scale (GM on FLAIR/T2, WM on T1).
+                ref = "gm" if name in ("flair", "t2") else "wm"
+                value = value_sums[name] / weight_sum.clamp_min(1e-6) * (jitter[ref] / TISSUE_CONTRAST[name][ref])
+                texture = 1.0 + 0.08 * _smooth_noise(self.shape, 24, self.rng)
+                image = image * (1 - weight) + weight * value * texture
+            if infiltrative is not None:
+                change = self.rng.uniform(*INFILTRATIVE_CHANGE[name]) * self.rng.uniform(0.9, 1.1)
+                texture = 0.05 * _smooth_noise(self.shape, 24, self.rng)
+                image = image * (1.0 + infiltrative * (change + texture * abs(change) / 0.2))
             for i, value in enumerate(label_values):
                 weight = soft[i]
                 if self.layout == "brats":
@@ -305,14 +544,22 @@ def atlas_case_paths(root: Path, index: int) -> tuple[str, dict[str, Path], Path
     return subject, {"t1": folder / f"{stem}_T1w.nii.gz"}, folder / f"{stem}_label-L_desc-T1lesion_mask.nii.gz"
 
 
-def write_case(layout: str, root: Path, index: int, n_lesions: int, seed: int) -> str:
-    """Generate case ``index`` of a cohort and write it in the real dataset's layout; return its id."""
+def write_case(
+    layout: str, root: Path, index: int, n_lesions: int, seed: int, kind: str | None = None
+) -> tuple[str, dict]:
+    """Generate case ``index`` of a cohort and write it in the real dataset's layout.
+
+    Returns the case id and its lesion metadata ``{"kind": ..., "lesions": [...]}`` (kind
+    ``healthy`` when the case has no lesion).
+    """
     from anofpdm_monai.io import _atomic_write
 
     paths = brats_case_paths if layout == "brats" else atlas_case_paths
     case_id, channel_paths, label_path = paths(root, index)
-    phantom = PhantomCase(layout, n_lesions, seed)
+    phantom = PhantomCase(layout, n_lesions, seed, kind)
     images, labels = phantom.generate()
+    if layout == "atlas":
+        labels = (labels > 0).astype(np.uint8)  # ATLAS masks are binary whatever the kind
 
     def save(array: np.ndarray, path: Path, dtype: type) -> None:
         image = nib.Nifti1Image(array.astype(dtype), phantom.affine)
@@ -324,7 +571,21 @@ def write_case(layout: str, root: Path, index: int, n_lesions: int, seed: int) -
     for name, path in channel_paths.items():
         save(np.round(images[name]), path, np.int16)
     save(labels, label_path, np.uint8)
-    return case_id
+    return case_id, {"kind": phantom.kind if n_lesions > 0 else "healthy", "lesions": phantom.lesion_info}
+
+
+def load_lesion_metadata(root: str | Path) -> dict:
+    """Per-case lesion metadata of a phantom cohort (``ROOT/phantom_lesions.json``); ``{}`` if absent.
+
+    Maps each case id to ``{"kind": "healthy" | kind, "lesions": [{"kind", "centre_voxel",
+    "volume_ml"}, ...]}``; centre voxels index the written grid, volumes count ground-truth voxels.
+    """
+    import json
+
+    path = Path(root) / LESION_METADATA
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
 
 
 def generate_cohort(
@@ -335,14 +596,24 @@ def generate_cohort(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    lesions: str | list[str] | tuple[str, ...] | None = None,
 ) -> list[str]:
     """Write a phantom cohort of ``cases`` patients; a fraction ``healthy_fraction`` carries no lesion.
+
+    Each lesion case draws one kind uniformly from ``lesions`` (comma list or sequence; ``None``:
+    ``tumour,ms,infiltrative`` for ``brats``, ``stroke`` for ``atlas``). Which kind lies where is
+    written to ``ROOT/phantom_lesions.json`` (see :func:`load_lesion_metadata`).
 
     Case ``i`` of a cohort with seed ``s`` is seeded by ``(s, i)``, so cohorts with different seeds
     never share an anatomy and rerunning a cohort reproduces it file for file.
     """
+    import json
+
     from tqdm import tqdm
 
+    from anofpdm_monai.io import atomic_write_text
+
+    kinds = parse_lesions(layout, lesions)
     if cases < 1:
         raise ValueError(f"cases={cases} must be at least 1")
     if not 0.0 <= healthy_fraction <= 1.0:
@@ -351,15 +622,28 @@ def generate_cohort(
     rng = np.random.default_rng(seed)
     healthy = set(rng.choice(cases, size=int(round(healthy_fraction * cases)), replace=False).tolist())
     max_lesions = 3 if layout == "brats" else 4
+    # Kinds and their lesion counts come from a stream of their own, so the classic draws
+    # (healthy cases, tumour/stroke counts, case seeds) are what they were before kinds existed.
+    kind_rng = np.random.default_rng(np.random.SeedSequence([seed, 12]))
     jobs = []
     for i in range(cases):
         n_lesions = 0 if i in healthy else int(rng.integers(1, max_lesions + 1))
+        kind = str(kinds[int(kind_rng.integers(len(kinds)))])
+        if n_lesions and kind == "ms":
+            n_lesions = int(kind_rng.integers(3, 16))
+        elif n_lesions and kind == "infiltrative":
+            n_lesions = int(kind_rng.integers(1, 3))
         case_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-        jobs.append((layout, root, i, n_lesions, case_seed))
+        # Healthy cases take the classic path whatever kind was drawn, so they are what they were.
+        jobs.append((layout, root, i, n_lesions, case_seed, kind if n_lesions else None))
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:
             futures = [pool.submit(write_case, *job) for job in jobs]
-            return [f.result() for f in tqdm(futures, desc="phantom", disable=not progress)]
-    return [write_case(*job) for job in tqdm(jobs, desc="phantom", disable=not progress)]
+            results = [f.result() for f in tqdm(futures, desc="phantom", disable=not progress)]
+    else:
+        results = [write_case(*job) for job in tqdm(jobs, desc="phantom", disable=not progress)]
+    metadata = dict(results)
+    atomic_write_text(root / LESION_METADATA, json.dumps(metadata, indent=1, allow_nan=False) + "\n")
+    return [case_id for case_id, _ in results]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.phantom import generate_cohort
+from data_prep.phantom import LESION_KINDS, generate_cohort
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,9 +14,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--healthy-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--lesions",
+        default=None,
+        help="comma list of lesion kinds; each lesion case draws one uniformly. brats: "
+        f"{','.join(LESION_KINDS['brats'])} (default: all three); atlas: {','.join(LESION_KINDS['atlas'])} "
+        "(default: stroke)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    ids = generate_cohort(args.output, args.layout, args.cases, args.healthy_fraction, args.seed, args.workers)
-    print(f"wrote {len(ids)} {args.layout} cases to {args.output}")
+    ids = generate_cohort(
+        args.output, args.layout, args.cases, args.healthy_fraction, args.seed, args.workers, lesions=args.lesions
+    )
+    print(f"wrote {len(ids)} {args.layout} cases to {args.output} (lesion kinds: ROOT/phantom_lesions.json)")
     return 0
