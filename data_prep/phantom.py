@@ -345,13 +345,13 @@ class PhantomCase:
                 if name in draw:
                     value = member.float() * draw[name]
                 elif name == "t1ce" and enhancing:
-            centre = self._output_voxel(lesion.centre)
-            info = {"kind": "ms", "centre_voxel": centre, "volume_ml": int(member.sum()) / 1000.0}
+                    ring = (level > 0.6) if rim else torch.ones_like(member)
                     value = member.float() * torch.where(ring, torch.tensor(t1ce), torch.tensor(t1))
                 else:
                     value = member.float() * t1
                 values[name][win] += torch.from_numpy(gaussian_filter(value.numpy(), 0.8, truncate=2.5))
-            info = {"kind": "ms", "centre_voxel": self._output_voxel(lesion.centre), "volume_ml": int(member.sum()) / 1000.0}
+            centre = self._output_voxel(lesion.centre)
+            info = {"kind": "ms", "centre_voxel": centre, "volume_ml": int(member.sum()) / 1000.0}
             if enhancing:
                 info["enhancing"] = "rim" if rim else "whole"
             self.lesion_info.append(info)
