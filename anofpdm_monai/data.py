@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from anofpdm_monai.config import PreprocessConfig
-from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_save_npy, atomic_write_text
+from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_save_npy, atomic_write_text, check_case_id
 from anofpdm_monai.transforms import PreprocessedCase
 
 SPLITS = ("train", "val", "test")
@@ -34,11 +34,13 @@ MANIFEST_COLUMNS = ["patient", "slice", "split", "label", "lesion_pixels"]
 
 def case_done(store: Path, patient: str) -> bool:
     """Whether ``patient`` was completely written to ``store``."""
+    check_case_id(patient, store)
     return (store / "cases" / f"{patient}.json").is_file()
 
 
 def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[str, str]) -> None:
     """Write one preprocessed case; the JSON written last marks it complete."""
+    check_case_id(patient, store)
     images = case.images.numpy().astype(np.float16)
     masks = (case.masks if case.masks is not None else torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool))
     atomic_save_npy(images, store / "images" / f"{patient}.npy")
@@ -104,6 +106,8 @@ class PreprocessedStore:
         self.manifest = pd.read_csv(manifest, dtype={"patient": str})
         if self.manifest.empty:
             raise InputError(f"{manifest}: the store holds no slices; rerun anofpdm preprocess on a cohort with brain images")
+        for patient in self.manifest["patient"].unique():
+            check_case_id(patient, manifest, "the patient column names the store's files: rerun anofpdm preprocess")
         self.settings = json.loads(settings.read_text())
         self.config = PreprocessConfig(**self.settings["preprocess"])
         self._images: dict[str, np.ndarray] = {}

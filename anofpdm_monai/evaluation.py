@@ -22,7 +22,7 @@ import torch
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, SliceInferer, VolumeInferer, load_calibration
-from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_write_bytes, atomic_write_text
+from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_write_bytes, atomic_write_text, check_case_id
 from anofpdm_monai.metrics import (
     PooledAUPRC,
     brain_foreground,
@@ -152,7 +152,7 @@ class CohortEvaluator:
         self.outputs_dir = None if outputs_dir is None else Path(outputs_dir)
 
     def case_file(self, case_id: str) -> Path:
-        return self.results_dir / "cases" / f"{case_id}.npz"
+        return self.results_dir / "cases" / f"{check_case_id(case_id, self.results_dir)}.npz"
 
     def ddib_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         """DDIB reconstruction maps (N, S, S) in batches, and calls per slice."""

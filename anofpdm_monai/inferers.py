@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.forward_process import run_forward_process
-from anofpdm_monai.io import InputError, save_like
+from anofpdm_monai.io import InputError, check_case_id, save_like
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16
 from anofpdm_monai.segmentation import segment
 from anofpdm_monai.training import resolve_device
@@ -291,6 +291,7 @@ class VolumeInferer(Inferer):
         """Write ``CASE.nii.gz`` (uint8 mask) and ``CASE_anomaly.nii.gz`` (float32) on the input grid, atomically."""
         import nibabel as nib
 
+        check_case_id(case_id, out_dir)
         out_dir = Path(out_dir)
         reference = nib.load(str(result.case.geometry.reference))
         written: list[Path] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -21,6 +22,47 @@ import torch
 
 class InputError(ValueError):
     """A problem with a user's file, phrased as one line: the file, what is wrong, how to fix it."""
+
+
+# A case id names output files (CASE.npy, CASE.nii.gz, CASE.npz): only these characters, and not too long for
+# a file name once a suffix such as "_anomaly.nii.gz" is added.
+SAFE_CASE_ID = re.compile(r"[A-Za-z0-9._-]+")
+MAX_CASE_ID_LENGTH = 200
+
+
+def case_id_problem(case_id: object) -> str | None:
+    """Why ``case_id`` cannot name a file, or None when it can."""
+    if not isinstance(case_id, str):
+        return f"is a {type(case_id).__name__}, not text"
+    if case_id == "":
+        return "is empty"
+    if "/" in case_id or "\\" in case_id:
+        return "contains a path separator"
+    if case_id in (".", ".."):
+        return "is a relative path component"
+    if case_id.startswith("."):
+        return "starts with '.' (hidden names are anofpdm's temporary files)"
+    if not SAFE_CASE_ID.fullmatch(case_id):
+        odd = sorted({c for c in case_id if not SAFE_CASE_ID.fullmatch(c)})
+        return f"contains characters other than letters, digits, '.', '_' and '-' ({''.join(odd)!r})"
+    if len(case_id) > MAX_CASE_ID_LENGTH:
+        return f"is longer than {MAX_CASE_ID_LENGTH} characters"
+    return None
+
+
+def check_case_id(case_id: str, source: str | Path, fix: str = "rename it") -> str:
+    """Return ``case_id`` if it is a safe file name (letters, digits, '.', '_', '-'; not hidden); else raise.
+
+    Raises:
+        InputError: ``SOURCE: case id 'ID' PROBLEM; case ids name output files, so use only letters, digits, ...; FIX``.
+    """
+    problem = case_id_problem(case_id)
+    if problem is not None:
+        raise InputError(
+            f"{source}: case id {case_id!r} {problem}; case ids name output files, so they hold only letters, digits, "
+            f"'.', '_' and '-' and do not start with '.'; {fix}"
+        )
+    return case_id
 
 
 def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

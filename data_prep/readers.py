@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from anofpdm_monai.io import InputError
+from anofpdm_monai.io import InputError, check_case_id
 
 BRATS_CHANNELS = ("flair", "t1", "t1ce", "t2")
 BRATS_MAP_CHANNELS = ("flair", "t2")
@@ -45,13 +45,17 @@ def read_brats(root: str | Path) -> list[CaseRecord]:
     root = Path(root)
     records = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and _is_brats_case(p)):
-        case = folder.name
-        channels = {c: _first(folder, f"{case}_{c}.nii") for c in BRATS_CHANNELS}
-        seg = _first(folder, f"{case}_seg.nii")
-        records.append(CaseRecord(case, channels, seg if seg.exists() else None))
+        records.append(_brats_record(folder))
     if not records:
         raise InputError(f"{root}: no BraTS21 case folders found; {_describe(root)}")
     return records
+
+
+def _brats_record(folder: Path) -> CaseRecord:
+    case = check_case_id(folder.name, folder, "rename the case folder and its files (e.g. BraTS2021_00001)")
+    channels = {c: _first(folder, f"{case}_{c}.nii") for c in BRATS_CHANNELS}
+    seg = _first(folder, f"{case}_seg.nii")
+    return CaseRecord(case, channels, seg if seg.exists() else None)
 
 
 def _is_brats_case(folder: Path) -> bool:
@@ -62,14 +66,59 @@ def _is_brats_case(folder: Path) -> bool:
 def read_atlas(root: str | Path) -> list[CaseRecord]:
     """Cases of an ATLAS v2.0 tree (searched recursively for ``*_T1w.nii.gz``)."""
     root = Path(root)
-    records = []
-    for t1 in sorted(root.rglob(f"*{ATLAS_SUFFIX}")):
-        subject = t1.name.split("_")[0]
-        mask = t1.with_name(t1.name[: -len(ATLAS_SUFFIX)] + ATLAS_MASK_SUFFIX)
-        records.append(CaseRecord(subject, {"t1": t1}, mask if mask.exists() else None))
+    records = _atlas_records(sorted(root.rglob(f"*{ATLAS_SUFFIX}")))
     if not records:
         raise InputError(f"{root}: no ATLAS v2.0 '*{ATLAS_SUFFIX}' files found; {_describe(root)}")
     return records
+
+
+def _atlas_records(t1_files: list[Path]) -> list[CaseRecord]:
+    """One case per ``*_T1w.nii.gz``: id ``sub-X``, or ``sub-X_ses-N`` for a subject with several sessions."""
+    by_subject: dict[str, list[Path]] = {}
+    for t1 in t1_files:
+        subject = t1.name.split("_")[0]
+        check_case_id(subject, t1, "rename the file (ATLAS names start with the subject, e.g. sub-r001s001_ses-1_...)")
+        by_subject.setdefault(subject, []).append(t1)
+    records = []
+    for subject, files in by_subject.items():
+        for t1 in files:
+            case_id = subject
+            if len(files) > 1:  # one subject, several sessions: keep them apart (a lone session keeps the plain id)
+                session = _bids_session(t1)
+                if session is None:
+                    raise InputError(
+                        f"{t1}: duplicate case id {subject!r}: {len(files)} T1w files of this subject carry no 'ses-' "
+                        f"entity to tell them apart ({', '.join(str(f) for f in files)}); keep one, or name them "
+                        f"{subject}_ses-1_..., {subject}_ses-2_..."
+                    )
+                case_id = check_case_id(f"{subject}_{session}", t1, "rename the file's ses- entity (e.g. ses-2)")
+            mask = t1.with_name(t1.name[: -len(ATLAS_SUFFIX)] + ATLAS_MASK_SUFFIX)
+            records.append(CaseRecord(case_id, {"t1": t1}, mask if mask.exists() else None))
+    _check_unique(records)
+    return records
+
+
+def _bids_session(path: Path) -> str | None:
+    """The ``ses-LABEL`` entity of a BIDS file name, else of a parent folder; None when there is none."""
+    for part in (*path.name.split("_")[1:], *reversed(path.parent.parts)):
+        if part.startswith("ses-") and len(part) > 4:
+            return part
+    return None
+
+
+def _check_unique(records: list[CaseRecord]) -> None:
+    """Two inputs must never share a case id (the second would overwrite the first's outputs)."""
+    sources: dict[str, list[Path]] = {}
+    for record in records:
+        sources.setdefault(record.case_id, []).append(next(iter(record.channels.values()), Path("?")))
+    dupes = {case: paths for case, paths in sources.items() if len(paths) > 1}
+    if dupes:
+        case, paths = next(iter(dupes.items()))
+        others = f" (and {len(dupes) - 1} more duplicated id(s): {', '.join(sorted(dupes)[:5])})" if len(dupes) > 1 else ""
+        raise InputError(
+            f"{paths[1]}: duplicate case id {case!r} ({' and '.join(str(p) for p in paths)}){others}; "
+            "each case needs its own id: give the files of one case only, or rename one of them"
+        )
 
 
 def read_nnunet(root: str | Path) -> list[CaseRecord]:
@@ -80,6 +129,7 @@ def read_nnunet(root: str | Path) -> list[CaseRecord]:
     for path in sorted(images.iterdir()):
         match = NNUNET_FILE.match(path.name)
         if match:
+            check_case_id(match["case"], path, "rename the case's files (CASE_0000.nii.gz, ...)")
             files.setdefault(match["case"], {})[int(match["channel"])] = path
     if not files:
         raise InputError(f"{images}: no nnU-Net 'CASE_0000.nii.gz' files found; {_describe(images)}")
@@ -87,7 +137,18 @@ def read_nnunet(root: str | Path) -> list[CaseRecord]:
     # One odd case must not change the channels of every other case: its missing files are reported at load,
     # and its extra files are kept so that the channel-count check names the case.
     counts = Counter(max(c) + 1 for c in files.values())
-    names = _nnunet_channel_names(root, None) or _nnunet_channel_names(root, max(counts, key=lambda n: (counts[n], n)))
+    declared = _nnunet_dataset_json(root)
+    if declared is not None:
+        meta_path, names = declared
+        if len(names) not in counts:
+            found = ", ".join(str(n) for n in sorted(counts))
+            raise InputError(
+                f"{meta_path}: declares {len(names)} channels ({', '.join(names)}) but the cases have {found} channel "
+                "file(s) each; list every channel in channel_names (one per CASE_XXXX index) or give the matching files"
+            )
+    else:
+        common = max(counts, key=lambda n: (counts[n], n))
+        names = tuple(f"ch{i:04d}" for i in range(common))
     labels_dir = images.parent / images.name.replace("images", "labels")
     records = []
     for case, by_index in files.items():
@@ -105,12 +166,24 @@ def read_manifest(csv_path: str | Path) -> list[CaseRecord]:
         raise InputError(f"{csv_path}: --dataset manifest expects a CSV file, not a folder; {_describe(csv_path)}")
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: manifest CSV not found; give a CSV with columns case_id,<channel>...,[mask]")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{csv_path}: not a readable CSV ({str(err).strip().splitlines()[0]}); give a CSV with columns case_id,<channel>...,[mask]") from err
     if "case_id" not in table.columns:
         raise InputError(f"{csv_path}: no 'case_id' column; found columns {list(table.columns)}")
     channel_columns = [c for c in table.columns if c not in ("case_id", "mask")]
     if not channel_columns:
         raise InputError(f"{csv_path}: no channel columns besides case_id/mask")
+    for line, case_id in enumerate(table["case_id"], start=2):  # line 1 is the header
+        check_case_id(case_id, f"{csv_path} line {line}", "change it in the manifest's case_id column")
+    counts = Counter(table["case_id"])
+    dupes = sorted(c for c, n in counts.items() if n > 1)
+    if dupes:
+        raise InputError(
+            f"{csv_path}: duplicate case_id value(s) {dupes} (each would overwrite the other's outputs); "
+            "give every row its own case_id in the manifest"
+        )
 
     def resolve(value: str) -> Path:
         path = Path(value)
@@ -177,53 +250,95 @@ def _first(folder: Path, stem: str) -> Path:
     return gz if gz.exists() or not (folder / stem).exists() else folder / stem
 
 
-def _nnunet_channel_names(root: Path, count: int | None) -> tuple[str, ...]:
-    """Channel names from nnU-Net's dataset.json (v2 ``channel_names`` or v1 ``modality``), else ch0000...
+def _nnunet_dataset_json(root: Path) -> tuple[Path, tuple[str, ...]] | None:
+    """(dataset.json, channel names) from nnU-Net's dataset.json (v2 ``channel_names`` or v1 ``modality``).
 
-    ``count=None``: all of dataset.json's channels, or () when there is no dataset.json.
+    None when there is no dataset.json beside or above ``root``, or it names no channels.
+
+    Raises:
+        InputError: the file is not JSON, or its channel names are not a mapping ``{"0": name, "1": name, ...}``.
     """
     for candidate in (root / "dataset.json", root.parent / "dataset.json"):
-        if candidate.is_file():
+        if not candidate.is_file():
+            continue
+        fix = 'nnU-Net\'s dataset.json maps each channel index, from "0", to its name: {"0": "FLAIR", "1": "T1", ...}'
+        try:
             meta = json.loads(candidate.read_text())
-            names = meta.get("channel_names") or meta.get("modality") or {}
-            if count is None:
-                count = len(names)
-            if len(names) >= count:
-                return tuple(str(names[str(i)]).lower() for i in range(count))
-    return tuple(f"ch{i:04d}" for i in range(count or 0))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{candidate}: not valid JSON ({err}); fix the file, or remove it to name channels ch0000, ...") from err
+        if not isinstance(meta, dict):
+            raise InputError(f"{candidate}: holds a {type(meta).__name__}, not an object; {fix}")
+        key = "channel_names" if meta.get("channel_names") else "modality"
+        names = meta.get(key)
+        if not names:
+            continue
+        if isinstance(names, list):
+            raise InputError(f"{candidate}: {key} is a list; {fix}")
+        if not isinstance(names, dict):
+            raise InputError(f"{candidate}: {key} is a {type(names).__name__}; {fix}")
+        expected = [str(i) for i in range(len(names))]
+        if sorted(names, key=lambda k: (len(k), k)) != expected:
+            raise InputError(
+                f"{candidate}: {key} has keys {sorted(names)}, not \"0\" to \"{len(names) - 1}\"; number the channels "
+                f'from "0" (file CASE_0000 is channel "0"); {fix}'
+            )
+        return candidate, tuple(str(names[k]).lower() for k in expected)
+    return None
 
 
 def records_for_inference(inputs: list[str | Path]) -> list[CaseRecord]:
     """Turn ``anofpdm segment -i`` arguments into cases.
 
-    Accepted: a BraTS case folder; an ATLAS ``*_T1w.nii.gz`` file; one or more nnU-Net
-    ``CASE_XXXX.nii.gz`` files (grouped by case); a folder of cases of one of the dataset layouts;
-    or any other single NIfTI file (a one-channel case named after the file).
+    Accepted, in any mix: BraTS case folders; folders of cases of one of the dataset layouts;
+    manifest CSVs; ATLAS ``*_T1w.nii.gz`` files; nnU-Net ``CASE_XXXX.nii.gz`` files (grouped by
+    case); any other NIfTI file (a one-channel case named after the file). Two inputs that give
+    the same case id are refused.
     """
     paths = [Path(p) for p in inputs]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise InputError(f"{missing[0]}: input not found")
-    if len(paths) == 1 and paths[0].is_dir():
-        folder = paths[0]
-        if any(folder.glob(f"{folder.name}_flair.nii*")):
-            return [r for r in read_brats(folder.parent) if r.case_id == folder.name]
-        layout = detect_layout(folder)
-        if layout is None:
-            raise InputError(f"{folder}: no cases found; {_describe(folder)}")
-        return READERS[layout](folder)
-    records: dict[str, CaseRecord] = {}
+    folders: list[CaseRecord] = []
     for path in paths:
+        if path.is_dir():
+            folders.extend(_folder_records(path))
+        elif path.suffix.lower() == ".csv":
+            folders.extend(read_manifest(path))
+    files = [p for p in paths if not p.is_dir() and p.suffix.lower() != ".csv"]
+    records: dict[str, CaseRecord] = {}
+    singles: list[CaseRecord] = []
+    atlas = [p for p in files if p.name.endswith(ATLAS_SUFFIX)]
+    for path in files:
         match = NNUNET_FILE.match(path.name)
         if path.name.endswith(ATLAS_SUFFIX):
-            mask = path.with_name(path.name[: -len(ATLAS_SUFFIX)] + ATLAS_MASK_SUFFIX)
-            records[path.name.split("_")[0]] = CaseRecord(path.name.split("_")[0], {"t1": path}, mask if mask.exists() else None)
+            continue
         elif match:
-            record = records.setdefault(match["case"], CaseRecord(match["case"], {}))
-            record.channels[f"ch{int(match['channel']):04d}"] = path
+            case = check_case_id(match["case"], path, "rename the case's files (CASE_0000.nii.gz, ...)")
+            record = records.setdefault(case, CaseRecord(case, {}))
+            key = f"ch{int(match['channel']):04d}"
+            if key in record.channels:
+                raise InputError(
+                    f"{path}: duplicate case id {case!r} ({record.channels[key]} and {path} are both its channel "
+                    f"{match['channel']}); give the files of one case only, or rename one case's files"
+                )
+            record.channels[key] = path
         else:
-            case_id = path.name.split(".nii")[0]
-            records[case_id] = CaseRecord(case_id, {"image": path})
+            case_id = check_case_id(path.name.split(".nii")[0], path, "rename the file")
+            singles.append(CaseRecord(case_id, {"image": path}))
     for record in records.values():
         record.channels = dict(sorted(record.channels.items()))
-    return list(records.values())
+    found = [*_atlas_records(atlas), *records.values(), *singles]
+    order = {path: i for i, path in enumerate(files)}
+    found = [*folders, *sorted(found, key=lambda r: min(order.get(p, len(order)) for p in r.channels.values()))]
+    _check_unique(found)
+    return found
+
+
+def _folder_records(folder: Path) -> list[CaseRecord]:
+    """The cases of one ``segment -i`` folder: a BraTS case folder, or a cohort folder of a known layout."""
+    if any(folder.glob(f"{folder.name}_flair.nii*")):
+        return [_brats_record(folder)]
+    layout = detect_layout(folder)
+    if layout is None:
+        raise InputError(f"{folder}: no cases found; {_describe(folder)}")
+    return READERS[layout](folder)

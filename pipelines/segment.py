@@ -11,12 +11,12 @@ from tqdm import tqdm
 from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError
 from anofpdm_monai.networks import PRECISIONS
-from data_prep.readers import records_for_inference
+from data_prep.readers import CaseRecord, records_for_inference
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="trained model folder (or 'bundled')")
-    parser.add_argument("-i", "--input", required=True, nargs="+", help="case folder, NIfTI file(s), or a cohort folder")
+    parser.add_argument("-i", "--input", required=True, nargs="+", help="case folder(s), NIfTI file(s), a cohort folder or a manifest CSV")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(ANOFPDM_METHODS))
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: calibrated)")
@@ -45,6 +45,14 @@ def resolve_model(model: str) -> Path:
     return Path(model)
 
 
+def model_order(record: CaseRecord, names: tuple[str, ...]) -> list[Path]:
+    """The case's channel files in the model's channel order when they carry its channel names (e.g. a manifest's
+    columns in another order); else in the order given."""
+    if set(record.channels) == set(names):
+        return [record.channels[name] for name in names]
+    return list(record.channels.values())
+
+
 def run(args: argparse.Namespace) -> int:
     records = records_for_inference(args.input)
     out_dir = Path(args.output)
@@ -69,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"{record.case_id}: done already, skipped (--continue)")
             continue
         try:
-            result = inferer(list(record.channels.values()))
+            result = inferer(model_order(record, inferer.config.preprocess.channel_names))
             inferer.write(result, out_dir, record.case_id, save_png=args.save_png)
         except InputError as err:
             failed += 1
