@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anofpdm_monai.forward_process import run_forward_process, visited_timesteps
+from anofpdm_monai.forward_process import INVERSIONS, run_forward_process, visited_timesteps
 from anofpdm_monai.guidance import EpsPredictor
 from anofpdm_monai.io import atomic_write_bytes
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.segmentation import health_similarity
 
 THRESHOLD_QUANTILES = np.linspace(0.005, 0.095, 100)
+ENCODINGS = ("ddim", "ddpm")
 ACCURACY_FRACTION = 0.99
 CURVES_PER_CLASS = 3
 
@@ -96,6 +97,44 @@ class Calibration:
         """Write the calibration as JSON, atomically (temporary file, then rename)."""
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
+    def check(self) -> None:
+        """Check every field's type, range and finiteness; a ValueError starts with the field's name."""
+        from anofpdm_monai.config import check_bool, check_float, check_int
+
+        check_float("w", self.w, 0.0, 1000.0)
+        check_float("thr_01", self.thr_01, 0.0, 1.0)  # health similarity is a cosine of non-negative errors
+        check_int("steps", self.steps, 1, 100_000)
+        check_int("stride", self.stride, 1, 100_000)
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding = {self.encoding!r}: must be one of {list(ENCODINGS)}")
+        if self.inversion not in INVERSIONS:
+            raise ValueError(f"inversion = {self.inversion!r}: must be one of {list(INVERSIONS)}")
+        check_bool("include_end_step", self.include_end_step)
+        if not isinstance(self.map_channel_indices, list) or not self.map_channel_indices:
+            raise ValueError(f"map_channel_indices = {self.map_channel_indices!r}: must be a non-empty list of channel indices")
+        for i, index in enumerate(self.map_channel_indices):
+            check_int(f"map_channel_indices[{i}]", index, 0, 63)
+        if not isinstance(self.D, list):
+            raise ValueError(f"D = {self.D!r}: must be a list of positive numbers, one per map channel")
+        if len(self.D) != len(self.map_channel_indices):
+            raise ValueError(
+                f"D = {self.D!r}: holds {len(self.D)} value(s) but there are {len(self.map_channel_indices)} map channels "
+                f"(map_channel_indices {self.map_channel_indices})"
+            )
+        for i, d in enumerate(self.D):
+            check_float(f"D[{i}]", d, 0.0, 1e6, low_open=True)
+        if not isinstance(self.map_channels, list) or len(self.map_channels) != len(self.map_channel_indices):
+            raise ValueError(f"map_channels = {self.map_channels!r}: must name the {len(self.map_channel_indices)} map channels")
+        for name in ("w_grid", "accuracy", "thresholds", "steps_grid", "accuracy_by_steps"):
+            if not isinstance(getattr(self, name), list):
+                raise ValueError(f"{name} = {getattr(self, name)!r}: must be a list")
+        for name in ("n_val", "n_val_healthy", "n_val_unhealthy"):
+            check_int(name, getattr(self, name), 0)
+
+    def save(self, path: str | Path) -> None:
+        """Write the calibration as JSON, atomically (temporary file, then rename)."""
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         """Read a calibration written by :meth:`save`.
@@ -109,10 +148,27 @@ class Calibration:
             raise FileNotFoundError(
                 f"{path}: no calibration; run `anofpdm calibrate -m MODEL_DIR -d PREP` to create it"
             )
+        from anofpdm_monai.io import InputError
+
+        fix = "rerun `anofpdm calibrate -m MODEL_DIR -d PREP` to recreate it"
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a valid anofpdm calibration ({err})") from err
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}: not a valid anofpdm calibration: not valid JSON ({err}); {fix}") from err
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: not a valid anofpdm calibration: holds a {type(data).__name__}, not an object; {fix}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        unknown, missing = sorted(set(data) - known), sorted(required - set(data))
+        if unknown or missing:
+            detail = f"unknown field(s) {unknown}" if unknown else f"missing field(s) {missing}"
+            raise InputError(f"{path}: not a valid anofpdm calibration: {detail}; {fix}")
+        calibration = cls.from_dict(data)
+        try:
+            calibration.check()
+        except ValueError as err:
+            raise InputError(f"{path}: not a valid anofpdm calibration: {err}; {fix}") from err
+        return calibration
 
 
 @dataclass

@@ -10,9 +10,72 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Slice side S: small enough that one slice batch fits in memory (a 100000-pixel side would need ~160 GB).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+# The noise schedules MONAI's DDPMScheduler knows.
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """``value`` if it is an integer in [low, high]; else a ValueError that starts with ``name``."""
+    span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} = {value!r}: must be an integer {span}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} = {value!r}: must be an integer {span}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number in [low, high] (``(low, high]`` with ``low_open``)."""
+    lo = "(" if low_open else "["
+    span = f" in {lo}{low}, {high}]" if low is not None and high is not None else (f" {'>' if low_open else '>='} {low}" if low is not None else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} = {value!r}: must be a number{span}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} = {value!r}: must be a finite number{span}")
+    if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+        raise ValueError(f"{name} = {value!r}: must be a number{span}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} = {value!r}: must be true or false")
+    return value
+
+
+def check_names(name: str, value: Any) -> tuple[str, ...]:
+    """A non-empty sequence of distinct, non-empty strings, as a tuple."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name} = {value!r}: must be a non-empty list of names")
+    if not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
+        raise ValueError(f"{name} = {list(value)!r}: must hold distinct, non-empty names")
+    return tuple(value)
+
+
+def check_register_to(path: Any, name: str = "register_to") -> None:
+    """The registration template must be a readable NIfTI image (only its header is read)."""
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{name} = {path!r}: must be the path of a template NIfTI image, or null for no registration")
+    if not Path(path).is_file():
+        raise ValueError(f"{name} = {path!r}: file not found; give the template NIfTI image the model was preprocessed with")
+    import nibabel as nib
+
+    try:
+        shape = nib.load(path).shape
+    except Exception as err:  # nibabel's ImageFileError and friends
+        raise ValueError(f"{name} = {path!r}: not a NIfTI image ({type(err).__name__}); give a .nii or .nii.gz template") from err
+    if len(shape) < 3:
+        raise ValueError(f"{name} = {path!r}: the template is {len(shape)}-D; give a 3-D template")
 
 
 @dataclass
@@ -40,6 +103,17 @@ class NetworkConfig:
     norm_num_groups: int = 16
 
     def __post_init__(self) -> None:
+        check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        check_int("in_channels", self.in_channels, 1, 64)
+        if isinstance(self.channels, (str, int)) or not self.channels:
+            raise ValueError(f"channels = {self.channels!r}: must be a non-empty list of positive widths")
+        for i, width in enumerate(self.channels):
+            check_int(f"channels[{i}]", width, 1, 8192)
+        if isinstance(self.attention_levels, (str, bool)) or not all(isinstance(a, bool) for a in self.attention_levels):
+            raise ValueError(f"attention_levels = {self.attention_levels!r}: must be a list of true/false, one per width")
+        check_int("num_res_blocks", self.num_res_blocks, 1, 16)
+        check_int("num_head_channels", self.num_head_channels, 1, 8192)
+        check_int("norm_num_groups", self.norm_num_groups, 1, 8192)
         self.channels = tuple(int(c) for c in self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
         if len(self.channels) != len(self.attention_levels):
@@ -62,6 +136,15 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     schedule: str = "linear_beta"
+
+    def __post_init__(self) -> None:
+        check_int("num_train_timesteps", self.num_train_timesteps, 1, 100_000)
+        check_float("beta_start", self.beta_start, 0.0, 1.0, low_open=True)
+        check_float("beta_end", self.beta_end, 0.0, 1.0, low_open=True)
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"beta_start = {self.beta_start!r}: must not exceed beta_end = {self.beta_end!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule = {self.schedule!r}: must be one of {list(SCHEDULES)}")
 
 
 @dataclass
@@ -95,8 +178,17 @@ class PreprocessConfig:
     crop_margin_mm: float = 5.0
 
     def __post_init__(self) -> None:
-        self.channel_names = tuple(self.channel_names)
-        self.map_channels = tuple(self.map_channels)
+        check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        self.channel_names = check_names("channel_names", self.channel_names)
+        self.map_channels = check_names("map_channels", self.map_channels)
+        check_float("percentile", self.percentile, 0.0, 100.0, low_open=True)
+        check_float("min_brain_fraction", self.min_brain_fraction, 0.0, 1.0)
+        if self.register_to is not None and (not isinstance(self.register_to, str) or not self.register_to):
+            raise ValueError(f"register_to = {self.register_to!r}: must be the path of a template NIfTI image, or null")
+        if not isinstance(self.dataset, str):
+            raise ValueError(f"dataset = {self.dataset!r}: must be a layout name such as 'brats'")
+        check_bool("crop_foreground", self.crop_foreground)
+        check_float("crop_margin_mm", self.crop_margin_mm, 0.0, 1000.0)
         missing = [m for m in self.map_channels if m not in self.channel_names]
         if missing:
             raise ValueError(f"map_channels {missing} are not among channel_names {self.channel_names}")
@@ -119,11 +211,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return cls(
-            network=NetworkConfig(**data["network"]),
-            diffusion=DiffusionConfig(**data["diffusion"]),
-            preprocess=PreprocessConfig(**data["preprocess"]),
-        )
+        """Build and check every section; a ValueError names the field as ``section.field``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"holds a {type(data).__name__}, not an object with network, diffusion and preprocess")
+        sections = {}
+        for name, section in (("network", NetworkConfig), ("diffusion", DiffusionConfig), ("preprocess", PreprocessConfig)):
+            sections[name] = build_section(section, data.get(name), name)
+        return cls(**sections)
 
     def save(self, path: str | Path) -> None:
         from anofpdm_monai.io import atomic_write_text
@@ -135,10 +229,36 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no model config; a model folder holds config.json beside model.pt")
+        from anofpdm_monai.io import InputError
+
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: not a valid anofpdm model config ({err})") from err
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}: not valid JSON ({err}); not a valid anofpdm model config: use the config.json saved with these weights") from err
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(
+                f"{path}: not a valid anofpdm model config: {err}; fix that field, or use the config.json saved with these weights"
+            ) from err
+
+
+def build_section(section: type, data: Any, name: str) -> Any:
+    """``section(**data)``, with unknown or missing fields and bad values reported as ``name.field``."""
+    if data is None:
+        raise ValueError(f"{name}: section missing")
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: must be an object, found {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(section)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{name}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    try:
+        return section(**data)
+    except (TypeError, ValueError) as err:
+        text = str(err)
+        field_name = text.split(" ")[0].split("=")[0].split("[")[0]
+        raise ValueError(f"{name}.{text}" if field_name in known else f"{name}: {text}") from err
 
 
 PRESETS: dict[str, dict[str, Any]] = {

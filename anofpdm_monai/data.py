@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from anofpdm_monai.config import PreprocessConfig
+from anofpdm_monai.config import PreprocessConfig, build_section
 from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_save_npy, atomic_write_text, check_case_id
 from anofpdm_monai.transforms import PreprocessedCase
 
@@ -108,8 +108,12 @@ class PreprocessedStore:
             raise InputError(f"{manifest}: the store holds no slices; rerun anofpdm preprocess on a cohort with brain images")
         for patient in self.manifest["patient"].unique():
             check_case_id(patient, manifest, "the patient column names the store's files: rerun anofpdm preprocess")
-        self.settings = json.loads(settings.read_text())
-        self.config = PreprocessConfig(**self.settings["preprocess"])
+        try:
+            self.settings = json.loads(settings.read_text())
+            self.config = build_section(PreprocessConfig, self.settings.get("preprocess"), "preprocess")
+        except (ValueError, AttributeError) as err:  # JSON errors are ValueErrors; a non-object has no .get
+            detail = str(err).removeprefix("preprocess.")
+            raise InputError(f"{settings}: {detail}; this is not a store anofpdm preprocess wrote: rerun it") from err
         self._images: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
         # Row of each manifest entry inside its patient's arrays.

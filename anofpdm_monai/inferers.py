@@ -56,6 +56,23 @@ def load_calibration(model_dir: str | Path, encoding: str) -> Calibration:
     return Calibration.load(path)
 
 
+def check_calibration_fits(calibration: Calibration, config, model_dir: str | Path, encoding: str) -> None:
+    """The calibration must describe this model's map channels: one D per map channel, indices within the inputs."""
+    maps = config.preprocess.map_channels
+    path = calibration_path(model_dir, encoding)
+    fix = "rerun `anofpdm calibrate -m MODEL_DIR -d PREP` to recreate it"
+    if len(calibration.D) != len(maps):
+        raise InputError(
+            f"{path}: D holds {len(calibration.D)} value(s) but config.json has {len(maps)} map channel(s) "
+            f"({', '.join(maps)}); {fix}"
+        )
+    if any(i >= config.network.in_channels for i in calibration.map_channel_indices):
+        raise InputError(
+            f"{path}: map_channel_indices {calibration.map_channel_indices} point beyond the model's "
+            f"{config.network.in_channels} input channels (config.json); {fix}"
+        )
+
+
 @dataclass
 class SliceOutputs:
     """Outputs for N slices (S x S pixels, M map channels).
@@ -239,6 +256,7 @@ class VolumeInferer(Inferer):
         self.device = resolve_device(device)
         network, self.config = load_model_folder(self.model_dir, self.device)
         calibration = load_calibration(self.model_dir, encoding)
+        check_calibration_fits(calibration, self.config, self.model_dir, encoding)
         self.slice_inferer = SliceInferer(
             NoisePredictor(network, autocast=use_bf16(precision, self.device)),
             build_scheduler(self.config.diffusion).alphas_cumprod,

@@ -13,7 +13,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 
-from anofpdm_monai.config import DiffusionConfig, ModelConfig, NetworkConfig
+from anofpdm_monai.config import DiffusionConfig, ModelConfig, NetworkConfig, check_register_to
 from anofpdm_monai.io import InputError, safe_torch_load
 
 HEALTHY = 0
@@ -119,6 +119,10 @@ def load_model_folder(model_dir: str | Path, device: str | torch.device = "cpu")
     """
     model_dir = Path(model_dir)
     config = ModelConfig.load(model_dir / "config.json")
+    try:
+        check_register_to(config.preprocess.register_to, "preprocess.register_to")
+    except ValueError as err:
+        raise InputError(f"{model_dir / 'config.json'}: {err}; fix that field, or use the config.json saved with these weights") from err
     network = build_network(config.network)
     state = safe_torch_load(model_dir / "model.pt")
     load_weights(network, state, model_dir / "model.pt", config.network)

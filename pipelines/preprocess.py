@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from anofpdm_monai.config import PreprocessConfig
+from anofpdm_monai.config import PreprocessConfig, check_register_to
 from anofpdm_monai.data import assign_splits, case_done, write_case, write_manifest, write_settings
 from anofpdm_monai.io import InputError, atomic_save_dataframe
 from anofpdm_monai.transforms import preprocess_with
@@ -65,15 +65,20 @@ def run(args: argparse.Namespace) -> int:
     map_channels = tuple(args.map_channels.split(",")) if args.map_channels else DEFAULT_MAP_CHANNELS.get(
         args.dataset, channel_names
     )
-    config = PreprocessConfig(
-        image_size=args.size,
-        channel_names=channel_names,
-        map_channels=map_channels,
-        register_to=str(Path(args.register_to).resolve()) if args.register_to else None,
-        dataset=args.dataset,
-        crop_foreground=not args.no_crop,
-        crop_margin_mm=args.crop_margin,
-    )
+    register_to = str(Path(args.register_to).resolve()) if args.register_to else None
+    try:
+        check_register_to(register_to, "--register-to")
+        config = PreprocessConfig(
+            image_size=args.size,
+            channel_names=channel_names,
+            map_channels=map_channels,
+            register_to=register_to,
+            dataset=args.dataset,
+            crop_foreground=not args.no_crop,
+            crop_margin_mm=args.crop_margin,
+        )
+    except ValueError as err:  # image_size is --size, crop_margin_mm is --crop-margin
+        raise InputError(f"{args.input}: invalid preprocessing settings: {err}; change that option") from err
     store = Path(args.output)
     _check_same_settings(store, config)
     try:

@@ -56,10 +56,6 @@ def model_order(record: CaseRecord, names: tuple[str, ...]) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     records = records_for_inference(args.input)
     out_dir = Path(args.output)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"{out_dir}: cannot create the output folder ({err.strerror}); choose a writable -o") from err
     inferer = VolumeInferer(
         resolve_model(args.model),
         method=args.method,
@@ -71,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         keep_3d_components=args.keep_3d_components,
     )
+    try:  # after the model folder was checked: a refused model leaves no output folder behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out_dir}: cannot create the output folder ({err.strerror}); choose a writable -o") from err
     failed = 0
     for record in tqdm(records, desc="segment", unit="case", disable=len(records) < 2):
         if args.resume and (out_dir / f"{record.case_id}.nii.gz").is_file():
