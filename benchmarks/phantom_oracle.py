@@ -1,6 +1,7 @@
 """How far plain intensity thresholding gets on the phantom (the oracle threshold, tuned on the labels).
 
-For a fresh phantom cohort of each layout, find the single intensity threshold (either direction)
+For a fresh phantom cohort of each layout and lesion kind (``--lesions``; brats: tumour, ms,
+infiltrative and their mix; atlas: stroke), find the single intensity threshold (either direction)
 that maximises pooled DICE over the brain voxels, per map channel and for the mean of the map
 channels, on two views of the data:
 
@@ -12,6 +13,7 @@ channels, on two views of the data:
 The phantom should not be easier than real BraTS: both figures should stay at or below about 0.74.
 
     python benchmarks/phantom_oracle.py --cases 8 --size 64
+    python benchmarks/phantom_oracle.py --layouts brats --lesions ms --cases 4
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from _common import print_table, write_json  # noqa: E402
 from anofpdm_monai.baselines import best_threshold_dice  # noqa: E402
 from anofpdm_monai.metrics import brain_foreground  # noqa: E402
 from anofpdm_monai.transforms import preprocess_case  # noqa: E402
-from data_prep.phantom import generate_cohort  # noqa: E402
+from data_prep.phantom import LESION_KINDS, generate_cohort, parse_lesions  # noqa: E402
 from data_prep.readers import DEFAULT_MAP_CHANNELS, read_cases  # noqa: E402
 
 
-def oracle_rows(layout: str, cases: int, size: int, seed: int) -> list[dict]:
+def cohort_views(layout: str, kind: str, cases: int, size: int, seed: int) -> dict:
+    """Slice view (preprocessed slices, masks) and volume view (/p99 brain voxels, labels) of a fresh cohort."""
     with tempfile.TemporaryDirectory() as tmp:
-        generate_cohort(tmp, layout, cases, healthy_fraction=0.0, seed=seed, progress=False)
+        generate_cohort(tmp, layout, cases, healthy_fraction=0.0, seed=seed, progress=False, lesions=kind)
         records = read_cases(tmp, layout)
         images, masks, volumes, volume_masks = [], [], [], []
         for record in records:
@@ -46,9 +49,17 @@ def oracle_rows(layout: str, cases: int, size: int, seed: int) -> list[dict]:
             volume, lesion = volume_view(record)
             volumes.append(volume)
             volume_masks.append(lesion)
-    images, masks = torch.cat(images), torch.cat(masks)
+    return {"images": torch.cat(images), "masks": torch.cat(masks), "volumes": volumes,
+            "volume_masks": volume_masks, "names": list(records[0].channels), "cases": cases}  # fmt: skip
+
+
+def oracle_rows(layout: str, lesions: str, views: list[dict]) -> list[dict]:
+    """Oracle threshold DICE per map channel and view, pooled over ``views`` (one or more cohorts)."""
+    images = torch.cat([v["images"] for v in views])
+    masks = torch.cat([v["masks"] for v in views])
+    cases = sum(v["cases"] for v in views)
+    names = views[0]["names"]
     fg = brain_foreground(images)
-    names = list(records[0].channels)
     map_channels = DEFAULT_MAP_CHANNELS[layout]
     candidates = {name: images[:, names.index(name)] for name in map_channels}
     if len(map_channels) > 1:
@@ -56,16 +67,32 @@ def oracle_rows(layout: str, cases: int, size: int, seed: int) -> list[dict]:
     rows = []
     for name, values in candidates.items():
         result = best_threshold_dice(values[fg].numpy(), masks[fg].numpy(), direction="best")
-        rows.append({"layout": layout, "view": "slices", "channel": name, "oracle_dice": result.dice,
-                     "threshold": result.threshold, "direction": result.direction, "cases": cases})  # fmt: skip
-    lesion = np.concatenate(volume_masks)
-    per_channel = {n: np.concatenate([v[n] for v in volumes]) for n in map_channels}
+        rows.append({"layout": layout, "lesions": lesions, "view": "slices", "channel": name,
+                     "oracle_dice": result.dice, "threshold": result.threshold, "direction": result.direction,
+                     "cases": cases})  # fmt: skip
+    volumes = [vol for v in views for vol in v["volumes"]]
+    lesion = np.concatenate([m for v in views for m in v["volume_masks"]])
+    per_channel = {n: np.concatenate([vol[n] for vol in volumes]) for n in map_channels}
     if len(map_channels) > 1:
         per_channel["mean(" + "+".join(map_channels) + ")"] = np.mean([per_channel[n] for n in map_channels], axis=0)
     for name, values in per_channel.items():
         result = best_threshold_dice(values, lesion, direction="best")
-        rows.append({"layout": layout, "view": "volume", "channel": name, "oracle_dice": result.dice,
-                     "threshold": result.threshold, "direction": result.direction, "cases": cases})  # fmt: skip
+        rows.append({"layout": layout, "lesions": lesions, "view": "volume", "channel": name,
+                     "oracle_dice": result.dice, "threshold": result.threshold, "direction": result.direction,
+                     "cases": cases})  # fmt: skip
+    return rows
+
+
+def layout_rows(layout: str, lesions: str | None, cases: int, size: int, seed: int) -> list[dict]:
+    """A row set per lesion kind (``cases`` fresh cases each) and, with several kinds, one for their mix.
+
+    The mix pools the per-kind cohorts, i.e. equal shares of each kind, as the default cohort draws them.
+    """
+    kinds = parse_lesions(layout, lesions)
+    views = {kind: cohort_views(layout, kind, cases, size, seed) for kind in kinds}
+    rows = [r for kind in kinds for r in oracle_rows(layout, kind, [views[kind]])]
+    if len(kinds) > 1:
+        rows += oracle_rows(layout, "mix(" + ",".join(kinds) + ")", list(views.values()))
     return rows
 
 
@@ -85,10 +112,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--layouts", default="brats,atlas")
+    parser.add_argument(
+        "--lesions",
+        default=None,
+        help="comma list of lesion kinds (a row set per kind, plus their mix); default: each layout's default "
+        "(brats: tumour,ms,infiltrative; atlas: stroke). Kinds a layout cannot draw are skipped for it.",
+    )
     parser.add_argument("--out", default="benchmarks/results/phantom_oracle.json")
     args = parser.parse_args()
-    rows = [r for layout in args.layouts.split(",") for r in oracle_rows(layout, args.cases, args.size, args.seed)]
-    print_table(rows, ["layout", "view", "channel", "oracle_dice", "threshold", "direction", "cases"])
+    rows = []
+    for layout in args.layouts.split(","):
+        kinds = None
+        if args.lesions:
+            kinds = [k for k in args.lesions.split(",") if k.strip() in LESION_KINDS[layout]]
+            if not kinds:
+                continue
+        rows += layout_rows(layout, kinds, args.cases, args.size, args.seed)
+    print_table(rows, ["layout", "lesions", "view", "channel", "oracle_dice", "threshold", "direction", "cases"])
     write_json(args.out, {"benchmark": "phantom_oracle", "args": vars(args), "rows": rows})
 
 
