@@ -6,10 +6,13 @@ so a killed process never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import math
 import os
 import re
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,54 @@ import torch
 
 class InputError(ValueError):
     """A problem with a user's file, phrased as one line: the file, what is wrong, how to fix it."""
+
+
+class InputWarning(UserWarning):
+    """Something odd about a user's file that does not stop the run (one line: the file and what is odd)."""
+
+
+# The largest volume a NIfTI header may claim before any voxel is read: 2**29 voxels, 2 GiB as float32.
+# A 135-byte .nii.gz can claim 2048 x 1024 x 1024 voxels; reading it would allocate 8 GiB.
+DEFAULT_MAX_VOXELS = 2**29
+MAX_VOXELS_ENV = "ANOFPDM_MAX_VOXELS"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def max_voxels() -> int:
+    """The voxel limit: ``ANOFPDM_MAX_VOXELS`` if set (``--max-voxels`` sets it), else :data:`DEFAULT_MAX_VOXELS`."""
+    text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_VOXELS
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise InputError(f"{MAX_VOXELS_ENV}={text!r}: give a positive whole number of voxels, e.g. {DEFAULT_MAX_VOXELS}")
+    return limit
+
+
+def set_max_voxels(limit: int | None) -> None:
+    """Set the voxel limit for this process and its children (``--max-voxels``); None keeps the current one."""
+    if limit is None:
+        return
+    if limit < 1:
+        raise InputError(f"--max-voxels {limit}: give a positive whole number of voxels, e.g. {DEFAULT_MAX_VOXELS}")
+    os.environ[MAX_VOXELS_ENV] = str(int(limit))
+
+
+def missing_file_reason(path: Path) -> str:
+    """Why ``path`` cannot be opened: a symlink loop, a broken symlink, or not found."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop (the link, or a folder on its path, points back to itself); point it at the real file"
+        if path.is_symlink():
+            return f"broken symlink to {os.readlink(path)} (no such file); point it at the real file"
+    except ValueError:  # e.g. an embedded NUL byte
+        pass
+    return "file not found; check the path or the case folder's file names"
 
 
 # A case id names output files (CASE.npy, CASE.nii.gz, CASE.npz): only these characters, and not too long for
@@ -144,25 +195,82 @@ def load_nifti(path: str | Path, *, allow_4d_singleton: bool = True) -> tuple[np
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found; check the path or the case folder's file names")
+        raise InputError(f"{path}: {missing_file_reason(path)}")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes); re-export or re-download this volume")
     try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj, dtype=np.float32)
+        image = nib.load(str(path))  # reads the header only
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
         raise InputError(f"{path}: unreadable or truncated ({err}); re-export or re-download this volume") from err
     except Exception as err:  # nibabel's ImageFileError and friends
         raise InputError(f"{path}: not a NIfTI image ({err}); give a .nii or .nii.gz volume") from err
+    check_header(path, image)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: reported below
+            data = np.asarray(image.dataobj, dtype=np.float32)
+    except MemoryError as err:
+        raise InputError(
+            f"{path}: not enough memory to read shape {tuple(image.shape)} as float32; free memory, or split the volume"
+        ) from err
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
+        raise InputError(f"{path}: unreadable or truncated ({err}); re-export or re-download this volume") from err
+    except Exception as err:  # nibabel's ImageFileError and friends
+        raise InputError(f"{path}: not a NIfTI image ({type(err).__name__}: {err}); give a .nii or .nii.gz volume") from err
     if data.ndim == 4 and allow_4d_singleton and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         fix = "split 4-D series into one 3-D file per sequence" if data.ndim > 3 else "give the whole 3-D volume, not a single slice"
         raise InputError(f"{path}: expected a 3-D volume, found {data.ndim}-D with shape {data.shape}; {fix}")
     if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        raise InputError(f"{path}: {bad} NaN or infinite voxels; fix or mask them (e.g. set them to 0) and retry")
+        _raise_non_finite(path, image, data)
+    low, high = float(data.min()), float(data.max())
+    if low == high and high != 0:  # all zero is refused where channels are loaded
+        warnings.warn(
+            f"{path}: every voxel holds the same value ({high:g}); this volume has no contrast, so its anomaly map "
+            "means nothing; check the export",
+            InputWarning,
+            stacklevel=2,
+        )
     return data, image
+
+
+def check_header(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse, from the header alone, a volume too large to read or of a voxel type anofpdm cannot use."""
+    shape = tuple(int(s) for s in image.shape)
+    voxels = math.prod(shape)
+    limit = max_voxels()
+    if voxels > limit:
+        raise InputError(
+            f"{path}: the header claims shape {shape}, {voxels} voxels ({voxels * 4 / 2**30:.1f} GiB as float32), above "
+            f"the limit of {limit} voxels ({limit * 4 / 2**30:.1f} GiB); if the volume is real, raise the limit with "
+            f"--max-voxels or {MAX_VOXELS_ENV}, else re-export the file"
+        )
+    dtype = image.get_data_dtype()
+    if dtype.fields is not None or dtype.kind == "V":
+        kind = "RGB" if dtype.fields is not None and set(dtype.fields) >= {"R", "G", "B"} else "structured"
+        raise InputError(
+            f"{path}: {kind} voxels ({dtype.descr}) are not supported; convert the image to one grey value per voxel "
+            "(a scalar 3-D volume)"
+        )
+    if dtype.kind == "c":
+        raise InputError(
+            f"{path}: complex voxels ({dtype.name}) are not supported; give the magnitude image (the absolute value of "
+            "the complex data) as a real-valued volume"
+        )
+
+
+def _raise_non_finite(path: Path, image: nib.Nifti1Image, data: np.ndarray) -> None:
+    """Name what the non-finite float32 voxels are: values beyond float32's range, or NaN/infinite in the file."""
+    bad = ~np.isfinite(data)
+    native = np.asanyarray(image.dataobj)  # the file's own type (float64 keeps values that float32 cannot hold)
+    beyond = bad & np.isfinite(native)
+    if beyond.any():
+        largest = float(np.abs(native[beyond]).max())
+        raise InputError(
+            f"{path}: {int(beyond.sum())} voxels beyond the float32 range (largest magnitude {largest:.3g} > "
+            f"{FLOAT32_MAX:.3g}); rescale the volume (e.g. divide it by a constant) and retry"
+        )
+    raise InputError(f"{path}: {int(bad.sum())} NaN or infinite voxels; fix or mask them (e.g. set them to 0) and retry")
 
 
 def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type | np.dtype) -> Path:

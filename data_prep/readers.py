@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from anofpdm_monai.io import InputError, check_case_id
+from anofpdm_monai.io import InputError, check_case_id, missing_file_reason
 
 BRATS_CHANNELS = ("flair", "t1", "t1ce", "t2")
 BRATS_MAP_CHANNELS = ("flair", "t2")
@@ -297,7 +297,8 @@ def records_for_inference(inputs: list[str | Path]) -> list[CaseRecord]:
     paths = [Path(p) for p in inputs]
     missing = [p for p in paths if not p.exists()]
     if missing:
-        raise InputError(f"{missing[0]}: input not found")
+        reason = missing_file_reason(missing[0])
+        raise InputError(f"{missing[0]}: input not found" if reason.startswith("file not found") else f"{missing[0]}: {reason}")
     folders: list[CaseRecord] = []
     for path in paths:
         if path.is_dir():

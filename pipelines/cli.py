@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+import warnings
+from collections.abc import Iterator
 
-from anofpdm_monai.io import InputError
+from anofpdm_monai.io import MAX_VOXELS_ENV, InputError, set_max_voxels
 
 # verb -> (module under pipelines/, one-line help)
 VERBS = {
@@ -48,11 +52,38 @@ def cli_reference() -> str:
     return "\n".join(parts)
 
 
+@contextlib.contextmanager
+def one_line_warnings(verb: str) -> Iterator[None]:
+    """Print warnings as ``anofpdm VERB: warning: MESSAGE`` (one line, no source line) while the verb runs."""
+    before = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kw: f"anofpdm {verb}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
+@contextlib.contextmanager
+def restored_environment(*names: str) -> Iterator[None]:
+    """Undo what a verb sets in ``os.environ`` for its children (e.g. ``--max-voxels``) once it returns."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f"pipelines.{VERBS[args.verb][0]}")
     try:
-        return int(module.run(args) or 0)
+        with one_line_warnings(args.verb), restored_environment(MAX_VOXELS_ENV):
+            set_max_voxels(getattr(args, "max_voxels", None))
+            return int(module.run(args) or 0)
     except (InputError, FileNotFoundError, ValueError) as err:
         print(f"anofpdm {args.verb}: error: {err}", file=sys.stderr)
         return 2

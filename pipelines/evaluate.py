@@ -16,7 +16,7 @@ from tqdm import tqdm
 from anofpdm_monai.evaluation import ALL_METHODS, Cohort, CohortEvaluator, merge_results, select_slices, tune_ddib_threshold
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
-from pipelines.segment import add_device_arguments, resolve_model
+from pipelines.segment import add_device_arguments, add_max_voxels_argument, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished by an earlier run")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
     parser.add_argument("--part-id", type=int, default=0)
+    add_max_voxels_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

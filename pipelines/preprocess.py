@@ -19,6 +19,7 @@ from anofpdm_monai.data import assign_splits, case_done, write_case, write_manif
 from anofpdm_monai.io import InputError, atomic_save_dataframe
 from anofpdm_monai.transforms import preprocess_with
 from data_prep.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
+from pipelines.segment import add_max_voxels_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-margin", type=float, default=5.0, help="margin around the brain's bounding box, mm")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--allow-skips", action="store_true", help="exit 0 even when cases were skipped")
+    add_max_voxels_argument(parser)
 
 
 def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple[str, str | None]:

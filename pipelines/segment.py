@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, VolumeInferer
-from anofpdm_monai.io import InputError
+from anofpdm_monai.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, InputError
 from anofpdm_monai.networks import PRECISIONS
 from data_prep.readers import CaseRecord, records_for_inference
 
@@ -28,6 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-3d-components", type=int, default=0, metavar="MIN_VOXELS",
                         help="drop 3-D lesion components smaller than this many voxels")
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
+    add_max_voxels_argument(parser)
+
+
+def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-voxels``: the largest volume a NIfTI header may claim before any voxel is read."""
+    parser.add_argument(
+        "--max-voxels", type=int, default=None, metavar="N",
+        help=f"refuse volumes whose header claims more voxels than this, before reading them "
+             f"(default {DEFAULT_MAX_VOXELS} = 2 GiB as float32, or ${MAX_VOXELS_ENV})",
+    )  # fmt: skip
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
