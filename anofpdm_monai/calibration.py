@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from anofpdm_monai.forward_process import INVERSIONS, run_forward_process, visited_timesteps
 from anofpdm_monai.guidance import EpsPredictor
-from anofpdm_monai.io import atomic_write_bytes
+from anofpdm_monai.io import atomic_write_bytes, json_text
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.segmentation import health_similarity
 
@@ -65,6 +65,9 @@ class Calibration:
         n_val_unhealthy: of which labelled unhealthy.
         include_end_step: aggregated-map convention used (see the forward-process engine).
         inversion: DDIM inversion variant used (``"reference"`` or ``"monai"``).
+        volume: the volume family's decisions at the same N, k and w
+            (:class:`anofpdm_monai.volume_mode.VolumeCalibration` as a dict), or None when the
+            calibration was made without ``--volume`` (the paper family only).
     """
 
     w: float
@@ -85,6 +88,7 @@ class Calibration:
     n_val_unhealthy: int = 0
     include_end_step: bool = True
     inversion: str = "reference"
+    volume: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,10 +96,6 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        """Write the calibration as JSON, atomically (temporary file, then rename)."""
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
     def check(self) -> None:
         """Check every field's type, range and finiteness; a ValueError starts with the field's name."""
@@ -133,7 +133,7 @@ class Calibration:
 
     def save(self, path: str | Path) -> None:
         """Write the calibration as JSON, atomically (temporary file, then rename)."""
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        atomic_write_bytes(path, json_text(self.to_dict()).encode())  # strict JSON: NaN is written as null
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:

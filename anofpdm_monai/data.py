@@ -6,7 +6,7 @@ Layout of a store folder ``PREP``::
     PREP/manifest.csv            patient, slice, split, label, lesion_pixels (one row per brain slice)
     PREP/images/<patient>.npy    (N, C, S, S) float16 in [-1, 1]
     PREP/masks/<patient>.npy     (N, S, S) uint8 (all zero when the case has no lesion file)
-    PREP/cases/<patient>.json    slice indices and source files; written last: marks the case done
+    PREP/cases/<patient>.json    slice indices, source files, the slices' voxel size in mm; written last: marks the case done
     PREP/skipped.csv             cases that could not be read, with the reason
 
 Every file is written to a temporary name and renamed, so an interrupted run leaves only
@@ -25,7 +25,15 @@ import torch
 from torch.utils.data import Dataset
 
 from anofpdm_monai.config import PreprocessConfig, build_section
-from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_save_npy, atomic_write_text, check_case_id
+from anofpdm_monai.io import (
+    InputError,
+    atomic_save_dataframe,
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    check_case_id,
+    json_text,
+)
 from anofpdm_monai.transforms import PreprocessedCase
 
 SPLITS = ("train", "val", "test")
@@ -45,8 +53,13 @@ def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[
     masks = (case.masks if case.masks is not None else torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool))
     atomic_save_npy(images, store / "images" / f"{patient}.npy")
     atomic_save_npy(masks.numpy().astype(np.uint8), store / "masks" / f"{patient}.npy")
-    meta = {"slices": case.geometry.slice_indices.tolist(), "has_label": case.masks is not None, "sources": sources}
-    atomic_write_text(store / "cases" / f"{patient}.json", json.dumps(meta))
+    meta = {
+        "slices": case.geometry.slice_indices.tolist(),
+        "has_label": case.masks is not None,
+        "sources": sources,
+        "slice_voxel_mm": list(case.geometry.slice_voxel_mm),
+    }
+    atomic_write_text(store / "cases" / f"{patient}.json", json_text(meta, indent=None))
 
 
 def assign_splits(patients: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
@@ -81,7 +94,7 @@ def write_manifest(store: Path, split_of: dict[str, str]) -> pd.DataFrame:
 
 def write_settings(store: Path, config: PreprocessConfig, split: tuple[float, float, float], seed: int) -> None:
     settings = {"preprocess": asdict(config), "split": list(split), "seed": seed}
-    atomic_write_text(store / "settings.json", json.dumps(settings, indent=2) + "\n")
+    atomic_write_json(store / "settings.json", settings)
 
 
 class PreprocessedStore:

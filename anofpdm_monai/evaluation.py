@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +24,15 @@ import torch
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, SliceInferer, VolumeInferer, load_calibration
-from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_write_bytes, atomic_write_text, check_case_id
+from anofpdm_monai.io import (
+    InputError,
+    atomic_save_dataframe,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_case_id,
+    json_text,
+)
 from anofpdm_monai.metrics import (
     PooledAUPRC,
     brain_foreground,
@@ -33,6 +43,7 @@ from anofpdm_monai.metrics import (
     volume_dice,
 )
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
+from anofpdm_monai.segmentation import mixed_setup_masks
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
 from data_prep.readers import LESION_LABELS, detect_layout, read_cases
 
@@ -51,6 +62,7 @@ class EvalCase:
     slice_indices: np.ndarray
     geometry: CaseGeometry | None = None
     label_path: Path | None = None
+    voxel_mm: tuple[float, float, float] | None = None
 
 
 class Cohort:
@@ -85,12 +97,13 @@ class Cohort:
         if self.store is not None:
             rows = self.rows[self.rows["patient"] == case_id]
             images, masks, _ = self.store.load_slices(rows)
-            return EvalCase(case_id, images, masks, rows["slice"].to_numpy())
+            voxel_mm = self.store.case_meta(case_id).get("slice_voxel_mm")  # absent in stores made before it was recorded
+            return EvalCase(case_id, images, masks, rows["slice"].to_numpy(), voxel_mm=None if voxel_mm is None else tuple(voxel_mm))
         record = self.records[case_id]
         if record.label is None:
             raise InputError(f"{case_id}: no lesion file; evaluation needs ground truth")
         case = self.inferer.preprocess(list(record.channels.values()), record.label, self.allowed_labels)
-        return EvalCase(case_id, case.images, case.masks, case.geometry.slice_indices, case.geometry, record.label)
+        return EvalCase(case_id, case.images, case.masks, case.geometry.slice_indices, case.geometry, record.label, case.geometry.slice_voxel_mm)
 
 
 def select_slices(case: EvalCase, keep: np.ndarray | None) -> EvalCase:
@@ -98,7 +111,7 @@ def select_slices(case: EvalCase, keep: np.ndarray | None) -> EvalCase:
     if keep is None:
         return case
     sel = np.isin(case.slice_indices, keep)
-    return EvalCase(case.case_id, case.images[sel], case.masks[sel], case.slice_indices[sel], case.geometry, case.label_path)
+    return dataclasses.replace(case, images=case.images[sel], masks=case.masks[sel], slice_indices=case.slice_indices[sel])
 
 
 class CohortEvaluator:
@@ -180,7 +193,7 @@ class CohortEvaluator:
         facts: dict[str, dict] = {}
         for encoding, inferer in self.slice_inferers.items():
             start = time.perf_counter()
-            outputs = inferer(case.images)
+            outputs = inferer(case.images, case.case_id, case.slice_indices, case.voxel_mm)
             seconds = time.perf_counter() - start
             for method, (enc, variant) in ANOFPDM_METHODS.items():
                 if method not in self.methods or enc != encoding:
@@ -188,6 +201,7 @@ class CohortEvaluator:
                 out = outputs[variant]
                 arrays[f"{method}/maps"] = out.maps.numpy().astype(np.float32)
                 arrays[f"{method}/masks"] = out.masks.numpy()
+                arrays[f"{method}/mixed_masks"] = out.mixed_masks.numpy()
                 arrays[f"{method}/pred"] = out.predicted_unhealthy.numpy()
                 arrays[f"{method}/sim"] = out.sim.numpy()
                 arrays[f"{method}/t_e"] = out.end_step.float().mean(dim=1).numpy()
@@ -205,7 +219,7 @@ class CohortEvaluator:
         for method, value in native.items():
             facts[method]["dice_3d_native"] = value
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, facts=np.array(json.dumps(facts)), **arrays)
+        np.savez_compressed(buffer, facts=np.array(json_text(facts, indent=None)), **arrays)
         return atomic_write_bytes(self.case_file(case.case_id), buffer.getvalue())
 
     def write_outputs(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> None:
@@ -216,7 +230,7 @@ class CohortEvaluator:
         from anofpdm_monai.io import save_like
         from anofpdm_monai.visualize import save_overlay
 
-        masks = torch.from_numpy(arrays[f"{method}/masks"] & arrays[f"{method}/pred"][:, None, None])
+        masks = torch.from_numpy(arrays[f"{method}/mixed_masks"])
         maps = torch.from_numpy(arrays[f"{method}/maps"])
         reference = nib.load(str(case.geometry.reference))
         save_overlay(case.images, maps, masks, self.outputs_dir / f"{case.case_id}.png", truth=case.masks,
@@ -248,6 +262,7 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
     """Build ``slices.csv``, ``cases.csv``, ``summary.json`` and ``summary.md`` from the per-case files."""
     results_dir = Path(results_dir)
     loaded = {c: load_case_results(results_dir / "cases" / f"{c}.npz") for c in case_ids}
+    requested = list(methods)
     methods = [m for m in methods if any(f"{m}/maps" in a for a, _ in loaded.values()) or m == "threshold"]
     oracle = None
     if "threshold" in methods:
@@ -255,7 +270,7 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
         values = np.concatenate([a["intensity"].ravel() for a, _ in loaded.values()])[fg]
         truth = np.concatenate([a["truth"].ravel() for a, _ in loaded.values()])[fg]
         oracle = best_threshold_dice(values, truth, direction="best") if truth.any() else None
-        if oracle is None:
+        if oracle is None:  # no lesion voxel: the row is kept, empty, with the reason (see undefined_reasons)
             methods.remove("threshold")
     slice_rows, case_rows = [], []
     pooled = {m: (PooledAUPRC(), PooledAUPRC()) for m in methods}
@@ -268,8 +283,10 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
                 masks = apply_threshold(arrays["intensity"], oracle.threshold, oracle.direction) & fg
             else:
                 maps, masks = arrays[f"{method}/maps"], arrays[f"{method}/masks"]
-            dice, iou = dice_iou_per_slice(masks, truth)
             pred = arrays.get(f"{method}/pred")
+            mixed_masks = masks if pred is None else arrays.get(f"{method}/mixed_masks", mixed_setup_masks(masks, pred))
+            dice, iou = dice_iou_per_slice(masks, truth)
+            mixed_dice, mixed_iou = dice_iou_per_slice(mixed_masks, truth)
             fact = facts.get(method, {})
             n = len(truth)
             for i in range(n):
@@ -277,7 +294,7 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
                     "case": case_id, "slice": int(arrays["slice_indices"][i]), "method": method,
                     "label": UNHEALTHY if labels[i] else HEALTHY,
                     "pred_label": (UNHEALTHY if pred[i] else HEALTHY) if pred is not None else np.nan,
-                    "dice": dice[i], "iou": iou[i], "lesion_pixels": int(truth[i].sum()), "pred_pixels": int(masks[i].sum()),
+                    "dice": dice[i], "iou": iou[i], "mixed_dice": mixed_dice[i], "mixed_iou": mixed_iou[i], "lesion_pixels": int(truth[i].sum()), "pred_pixels": int(masks[i].sum()),
                     "sim": float(arrays[f"{method}/sim"][i]) if f"{method}/sim" in arrays else np.nan,
                     "t_e": float(arrays[f"{method}/t_e"][i]) if f"{method}/t_e" in arrays else np.nan,
                     "quantile": float(arrays[f"{method}/quantile"][i]) if f"{method}/quantile" in arrays else np.nan,
@@ -286,7 +303,6 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
                     "network_calls": fact.get("calls", 0), "seconds": fact.get("seconds", 0.0) / max(n, 1),
                     "uses_pixel_labels": method in BASELINES,
                 })  # fmt: skip
-            mixed_masks = masks if pred is None else masks & pred[:, None, None]
             pooled[method][0].update(maps, truth, fg)
             pooled[method][1].update(maps[labels], truth[labels], fg[labels])
             case_rows.append({
@@ -307,9 +323,61 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
     if oracle is not None:
         rows["threshold"]["oracle_threshold"] = float(oracle.threshold)
         rows["threshold"]["oracle_direction"] = oracle.direction
-    atomic_write_text(results_dir / "summary.json", json.dumps(rows, indent=2, default=float) + "\n")
-    atomic_write_text(results_dir / "summary.md", summary_markdown(rows))
+    elif "threshold" in requested:
+        rows["threshold"] = empty_threshold_row(rows, sum(len(a["truth"]) for a, _ in loaded.values()))
+    for method, row in rows.items():
+        row["undefined"] = undefined_reasons(row)
+    atomic_write_json(results_dir / "summary.json", rows)
+    atomic_write_text(results_dir / "summary.md", summary_markdown(rows) + undefined_note(rows))
     return rows
+
+
+# Why a summary metric can be undefined (written as null in summary.json).
+NO_UNHEALTHY = "no unhealthy slice in the evaluated slices (no lesion pixel), so there is nothing to segment"
+UNDEFINED_REASONS = {
+    "unhealthy_dice": NO_UNHEALTHY,
+    "unhealthy_iou": NO_UNHEALTHY,
+    "unhealthy_auprc": NO_UNHEALTHY,
+    "mixed_auprc": "no lesion pixel in the evaluated slices: average precision needs at least one positive pixel",
+    "accuracy": "the method makes no slice-level health decision",
+    "precision": "the method makes no slice-level health decision",
+    "recall": "the method makes no slice-level health decision",
+    "oracle_threshold": "no lesion voxel in the cohort: the oracle intensity threshold is chosen on lesion voxels",
+}
+
+
+def empty_threshold_row(rows: dict[str, dict], n_slices: int) -> dict:
+    """The ``threshold`` row of a cohort without lesion voxels: every metric undefined (kept, not dropped)."""
+    keys = next(iter(rows.values())).keys() if rows else ["mixed_dice", "mixed_iou", "unhealthy_dice", "unhealthy_iou"]
+    row = {k: math.nan for k in keys}
+    row.update(uses_pixel_labels=True, n_slices=n_slices, n_unhealthy=0, oracle_threshold=math.nan, oracle_direction=None)
+    return row
+
+
+def undefined_reasons(row: dict) -> dict[str, str]:
+    """``{metric: why}`` for every metric of ``row`` that is NaN or None (written as null)."""
+    reasons = {}
+    for key, value in row.items():
+        if key != "undefined" and (value is None or (isinstance(value, float) and math.isnan(value))):
+            if key == "oracle_direction":
+                continue
+            if key in ("mixed_dice", "mixed_iou", "case_dice_3d") and "oracle_threshold" in row and row.get("n_unhealthy") == 0:
+                reasons[key] = UNDEFINED_REASONS["oracle_threshold"]
+            else:
+                reasons[key] = UNDEFINED_REASONS.get(key, "not computable for these slices")
+    return reasons
+
+
+def undefined_note(rows: dict[str, dict]) -> str:
+    """Footnote lines for summary.md: which metrics print as '–' and why."""
+    why: dict[str, list[str]] = {}
+    for method, row in rows.items():
+        for key, reason in row.get("undefined", {}).items():
+            why.setdefault(f"{key}: {reason}", []).append(method)
+    if not why:
+        return ""
+    lines = [f"- {text} ({', '.join(methods)})" for text, methods in why.items()]
+    return "\n– undefined (null in summary.json):\n" + "\n".join(lines) + "\n"
 
 
 def tune_ddib_threshold(evaluator: CohortEvaluator, store: PreprocessedStore, max_slices: int, seed: int) -> float:

@@ -8,6 +8,7 @@ grid come out.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,25 +22,30 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from anofpdm_monai.calibration import Calibration
-from anofpdm_monai.forward_process import run_forward_process
+from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
 from anofpdm_monai.io import InputError, check_case_id, save_like
-from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16
-from anofpdm_monai.segmentation import segment
-from anofpdm_monai.training import resolve_device
+from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
+from anofpdm_monai.segmentation import SegmentationResult, segment
 from anofpdm_monai.transforms import PreprocessedCase, preprocess_with, slices_to_volume
+from anofpdm_monai.volume_mode import VolumeCalibration, VolumeInputs, volume_segment
 
 # Slices per forward process. Each network call sees 2 x this many inputs; 8 slices (16 inputs of
 # 64 x 64) was the fastest per slice on 2 CPU cores (10.5 ms per input against 26 ms at 200 inputs,
 # where activations overflow the caches). Raise it on a GPU.
 DEFAULT_BATCH_SIZE = 8
 
-# method name -> (encoding, map variant)
+# method name -> (encoding, decision variant): "aggregated" / "last" are the paper's per-slice
+# decisions on the aggregated map or on the SAM at t_e; "volume" is the volume family
+# (anofpdm_monai.volume_mode) on the aggregated map.
 ANOFPDM_METHODS = {
     "anofpdm-ddim": ("ddim", "aggregated"),
     "anofpdm-ddpm": ("ddpm", "aggregated"),
     "anofpdm-ddim-last": ("ddim", "last"),
     "anofpdm-ddpm-last": ("ddpm", "last"),
+    "anofpdm-ddim-volume": ("ddim", "volume"),
+    "anofpdm-ddpm-volume": ("ddpm", "volume"),
 }
+VARIANTS = ("aggregated", "last", "volume")
 
 
 def calibration_path(model_dir: str | Path, encoding: str) -> Path:
@@ -73,51 +79,49 @@ def check_calibration_fits(calibration: Calibration, config, model_dir: str | Pa
         )
 
 
-@dataclass
-class SliceOutputs:
-    """Outputs for N slices (S x S pixels, M map channels).
+def volume_calibration(calibration: Calibration, source: str | Path) -> VolumeCalibration:
+    """The volume family's part of a calibration; an InputError saying how to add it when it is missing."""
+    if calibration.volume is None:
+        raise InputError(
+            f"{source}: this calibration has no volume-mode decisions (it was made before them or without them); "
+            f"recalibrate with volume mode on (anofpdm calibrate ... --encoding {calibration.encoding}) to use the -volume methods"
+        )
+    try:
+        return VolumeCalibration.from_dict(calibration.volume)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{source}: the 'volume' section is not valid ({err}); recalibrate") from None
 
-    Attributes:
-        maps: (N, S, S) float32 anomaly maps.
-        masks: (N, S, S) bool predicted lesion masks.
-        predicted_unhealthy: (N,) bool health decisions.
-        sim: (N,) health similarity.
-        end_step: (N, M) end step t_e per map channel.
-        quantile: (N, M) dynamic-threshold quantile levels.
-        threshold: (N,) dynamic thresholds.
-        network_calls: batched network calls per slice (each call evaluates one slice's cond + null pair).
+
+def slice_seeds(seed: int, case_id: str, slice_indices: Sequence[int]) -> list[int]:
+    """One engine seed per slice, from (seed, case id, slice index).
+
+    A slice's random numbers, and so its outputs, do not depend on the batch size, on which other
+    slices were run (``--max-slices``) or on the order of the cases.
     """
-
-    maps: torch.Tensor
-    masks: torch.Tensor
-    predicted_unhealthy: torch.Tensor
-    sim: torch.Tensor
-    end_step: torch.Tensor
-    quantile: torch.Tensor
-    threshold: torch.Tensor
-    network_calls: int
-
-    @staticmethod
-    def concatenate(parts: Sequence[SliceOutputs]) -> SliceOutputs:
-        fields = ("maps", "masks", "predicted_unhealthy", "sim", "end_step", "quantile", "threshold")
-        merged = {f: torch.cat([getattr(p, f) for p in parts]) for f in fields}
-        return SliceOutputs(**merged, network_calls=parts[0].network_calls if parts else 0)
+    case_key = int.from_bytes(hashlib.sha256(case_id.encode()).digest()[:8], "little")
+    return [int(np.random.SeedSequence([seed, case_key, int(i)]).generate_state(1, np.uint64)[0]) for i in slice_indices]
 
 
 class SliceInferer(Inferer):
-    """AnoFPDM on slices: one forward process per batch, then the decisions of ALGORITHM.md section 5.
+    """AnoFPDM on one volume's slices: the forward process in batches, then the decisions once on the volume.
+
+    The forward process streams per batch (memory stays flat in N); its per-slice statistics are
+    joined and every decision (health, t_e, aggregation, threshold, post-processing, mixed setup)
+    runs once on the whole volume.
 
     Args:
         predict_eps: noise predictor ``(x (N, C, S, S), t (N,), labels (N,)) -> (N, C, S, S)``.
         alphas_cumprod: (T,) the training schedule.
-        calibration: w*, thr_01, D and the calibrated N, k and encoding.
-        variants: map variants to produce from the same forward process (``aggregated``, ``last``).
+        calibration: w*, thr_01, D and the calibrated N, k and encoding (and the volume family's
+            decisions when ``"volume"`` is among the variants).
+        variants: decision variants to produce from the same forward process (:data:`VARIANTS`).
         encoding: ``ddim`` or ``ddpm``; default the calibration's.
         steps: forward-step budget N; default the calibration's.
         stride: stride k; default the calibration's.
-        setup: ``mixed`` (predicted-healthy slices get empty masks) or ``unhealthy``.
+        setup: ``mixed`` (predicted-healthy slices get empty masks, or for the volume family
+            unanchored components are dropped) or ``unhealthy``.
         batch_size: slices per forward process (each network call sees 2 x batch_size inputs).
-        seed: seeds the engine's generator; batch b uses ``seed + b``.
+        seed: with the case id and slice index, seeds each slice's generator (:func:`slice_seeds`).
         device: where the network runs.
     """
 
@@ -136,14 +140,19 @@ class SliceInferer(Inferer):
         seed: int = 0,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        calibration_source: str | Path = "calibration.json",
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"--batch-size {batch_size} must be at least 1")
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"variants {unknown} unknown; choose from {VARIANTS}")
         self.predict_eps = predict_eps
         self.alphas_cumprod = alphas_cumprod
         self.calibration = calibration
         self.variants = tuple(variants)
+        self.volume_calibration = volume_calibration(calibration, calibration_source) if "volume" in self.variants else None
         self.encoding = encoding or calibration.encoding
         self.steps = steps or calibration.steps
         self.stride = stride or calibration.stride
@@ -158,41 +167,60 @@ class SliceInferer(Inferer):
         self.device = torch.device(device)
         self.progress = progress
 
-    def __call__(self, inputs: torch.Tensor, *args, **kwargs) -> dict[str, SliceOutputs]:  # type: ignore[override]
-        """Run on (N, C, S, S) slices in [-1, 1]; returns one :class:`SliceOutputs` per map variant."""
-        parts: dict[str, list[SliceOutputs]] = {v: [] for v in self.variants}
+    def forward_process(self, inputs: torch.Tensor, case_id: str = "", slice_indices: Sequence[int] | None = None) -> ForwardProcessResult:
+        """The forward process of (N, C, S, S) slices at w*, in batches, joined along the slices (G = 1)."""
+        indices = range(inputs.shape[0]) if slice_indices is None else slice_indices
+        seeds = slice_seeds(self.seed, case_id, indices)
+        parts = []
         starts = range(0, inputs.shape[0], self.batch_size)
-        for b, start in enumerate(tqdm(starts, desc="slices", unit="batch", disable=not self.progress, leave=False)):
+        for start in tqdm(starts, desc="slices", unit="batch", disable=not self.progress, leave=False):
             x0 = inputs[start : start + self.batch_size].to(self.device)
-            generator = torch.Generator(device=self.device).manual_seed(self.seed + b)
-            result = run_forward_process(
-                self.predict_eps,
-                x0,
-                self.alphas_cumprod.to(self.device),
-                guidance_scales=[self.calibration.w],
-                steps=self.steps,
-                stride=self.stride,
-                encoding=self.encoding,
-                map_channels=self.calibration.map_channel_indices,
-                include_end_step=self.calibration.include_end_step,
-                inversion=self.calibration.inversion,
-                generator=generator,
-            )
-            for variant in self.variants:
-                seg = segment(result, self.calibration, setup=self.setup, variant=variant)
-                parts[variant].append(
-                    SliceOutputs(
-                        maps=seg.maps.float().cpu(),
-                        masks=seg.masks.cpu(),
-                        predicted_unhealthy=seg.predicted_unhealthy.cpu(),
-                        sim=seg.sim.cpu(),
-                        end_step=seg.end_step.cpu(),
-                        quantile=seg.quantile.cpu(),
-                        threshold=seg.threshold.cpu(),
-                        network_calls=result.network_calls,
-                    )
+            generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[start : start + self.batch_size]]
+            parts.append(
+                run_forward_process(
+                    self.predict_eps,
+                    x0,
+                    self.alphas_cumprod.to(self.device),
+                    guidance_scales=[self.calibration.w],
+                    steps=self.steps,
+                    stride=self.stride,
+                    encoding=self.encoding,
+                    map_channels=self.calibration.map_channel_indices,
+                    include_end_step=self.calibration.include_end_step,
+                    inversion=self.calibration.inversion,
+                    generator=generators,
                 )
-        return {v: SliceOutputs.concatenate(p) for v, p in parts.items()}
+            )
+        return ForwardProcessResult.concatenate(parts)
+
+    def decide(self, result: ForwardProcessResult, variant: str, volume: VolumeInputs | None = None) -> SegmentationResult:
+        """The decisions of one variant on a whole volume's forward process (on the CPU)."""
+        if variant == "volume":
+            if volume is None:
+                raise ValueError("the volume variant needs the volume's VolumeInputs")
+            decided = volume_segment(result, volume, self.volume_calibration, setup=self.setup)
+        else:
+            decided = segment(result, self.calibration, setup=self.setup, variant=variant)
+        return decided.cpu(network_calls=result.network_calls)
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        case_id: str = "",
+        slice_indices: Sequence[int] | None = None,
+        voxel_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    ) -> dict[str, SegmentationResult]:
+        """Run on one volume's (N, C, S, S) slices in [-1, 1]; returns one result per variant.
+
+        Args:
+            inputs: the slices, in slice order.
+            case_id: the case's id (seeds, with the slice indices, the per-slice random numbers).
+            slice_indices: (N,) axial index of each slice (default 0 .. N-1).
+            voxel_mm: voxel size of the stacked slices (the volume family's sizes are in mm^3).
+        """
+        result = self.forward_process(inputs, case_id, slice_indices)
+        volume = VolumeInputs.from_slices(inputs, slice_indices, voxel_mm) if "volume" in self.variants else None
+        return {v: self.decide(result, v, volume) for v in self.variants}
 
 
 @dataclass
@@ -208,7 +236,7 @@ class VolumeResult:
     """
 
     case: PreprocessedCase
-    slices: SliceOutputs
+    slices: SegmentationResult
     mask: np.ndarray
     anomaly: np.ndarray
     seconds: float
@@ -293,11 +321,11 @@ class VolumeInferer(Inferer):
             )
         return preprocess_with(self.config.preprocess, channel_paths, label_path, allowed_labels)
 
-    def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None) -> VolumeResult:  # type: ignore[override]
-        """Segment one case given its channel files (in the model's channel order)."""
+    def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None, case_id: str = "") -> VolumeResult:  # type: ignore[override]
+        """Segment one case given its channel files (in the model's channel order); ``case_id`` seeds its slices."""
         start = time.perf_counter()
         case = self.preprocess(inputs, label)
-        outputs = self.slice_inferer(case.images)[self.variant]
+        outputs = self.slice_inferer(case.images, case_id, case.geometry.slice_indices, case.geometry.slice_voxel_mm)[self.variant]
         mask = slices_to_volume(outputs.masks.float(), case.geometry, "mask")
         if self.keep_3d_components > 0:
             mask = remove_small_3d_components(mask, self.keep_3d_components)

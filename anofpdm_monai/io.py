@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import json
 import math
 import os
 import re
@@ -116,7 +117,7 @@ def check_case_id(case_id: str, source: str | Path, fix: str = "rename it") -> s
     return case_id
 
 
-def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,27 +139,52 @@ def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    return _atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as None and numpy scalars/arrays as Python values (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return strict_json(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``value`` (NaN and infinities written as null, never as bare NaN)."""
+    return json.dumps(strict_json(value), indent=indent, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> Path:
+    """Write ``value`` as strict JSON, atomically."""
+    return atomic_write_text(path, json_text(value, indent))
 
 
 def atomic_save_dataframe(df: Any, path: str | Path) -> Path:
     """Write a pandas DataFrame as CSV atomically."""
-    return _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def atomic_save_npy(array: np.ndarray, path: str | Path) -> Path:
     """Write an array as ``.npy`` atomically (memory-mappable afterwards)."""
-    return _atomic_write(path, lambda tmp: np.save(tmp, array))
+    return atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` atomically."""
-    return _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -296,4 +322,4 @@ def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, d
     sform, scode = reference.get_sform(coded=True)
     image.set_qform(qform if qform is not None else reference.affine, int(qcode) if qcode is not None else 0)
     image.set_sform(sform if sform is not None else reference.affine, int(scode) if scode is not None else 0)
-    return _atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
+    return atomic_write(path, lambda tmp: nib.save(image, str(tmp)))

@@ -289,19 +289,6 @@ def _mean_or_nan(values: pd.Series) -> float:
     return float(values.mean()) if len(values) else math.nan
 
 
-def _mixed_setup(group: pd.DataFrame, unhealthy: np.ndarray, pred: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice DICE / IoU in the mixed setup (mask zeroed where predicted healthy).
-
-    A zero mask scores 1 on a healthy slice (empty ground truth) and 0 on an
-    unhealthy one, so the mixed scores follow from the unhealthy-setup ones.
-    """
-    dice, iou = group["dice"].to_numpy(float), group["iou"].to_numpy(float)
-    if pred is None:
-        return dice, iou
-    zero_mask_score = np.where(unhealthy, 0.0, 1.0)
-    return np.where(pred, dice, zero_mask_score), np.where(pred, iou, zero_mask_score)
-
-
 def _summarise_method(group: pd.DataFrame) -> dict[str, Any]:
     """The Table-1 row of one method's per-slice rows (see :func:`summarise_slices`)."""
     unhealthy = group["label"].to_numpy() == UNHEALTHY
@@ -312,7 +299,7 @@ def _summarise_method(group: pd.DataFrame) -> dict[str, Any]:
         if group["pred_label"].isna().any():
             raise ValueError("pred_label must be given for all slices of a method or for none")
         pred = group["pred_label"].to_numpy() == UNHEALTHY
-    mixed_dice, mixed_iou = _mixed_setup(group, unhealthy, pred)
+    mixed_dice, mixed_iou = group["mixed_dice"].to_numpy(float), group["mixed_iou"].to_numpy(float)
     if pred is None:
         cls = dict.fromkeys(("accuracy", "precision", "recall"), math.nan)
     else:
@@ -343,10 +330,12 @@ def summarise_slices(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
             * ``label``: image label, ``HEALTHY`` or ``UNHEALTHY``;
             * ``dice``, ``iou``: the slice's scores in the unhealthy setup (mask
               kept whatever the classification);
+            * ``mixed_dice``, ``mixed_iou``: its scores in the mixed setup (the
+              method's own rule made the mask: see
+              :func:`anofpdm_monai.segmentation.mixed_setup_masks`);
             * ``pred_label`` (optional): predicted health class, ``HEALTHY`` or
               ``UNHEALTHY``; NaN for every slice of a method that does not
-              classify (reconstruction baselines). Where given, the mixed-setup
-              scores zero the mask of slices predicted healthy (section 5);
+              classify (reconstruction baselines);
             * ``network_calls``, ``seconds`` (optional): per slice;
             * ``uses_pixel_labels`` (optional, bool): the method's threshold was
               tuned with pixel labels.
@@ -359,7 +348,7 @@ def summarise_slices(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
         ``calls_per_slice``, ``seconds_per_slice``, ``uses_pixel_labels``,
         ``n_slices``, ``n_unhealthy``.
     """
-    missing = {"method", "label", "dice", "iou"} - set(df.columns)
+    missing = {"method", "label", "dice", "iou", "mixed_dice", "mixed_iou"} - set(df.columns)
     if missing:
         raise ValueError(f"per-slice table lacks columns {sorted(missing)}")
     return {str(method): _summarise_method(group) for method, group in df.groupby("method", sort=False)}

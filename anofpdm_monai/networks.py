@@ -73,6 +73,17 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an unavailable ``cuda`` is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': no CUDA device is available; use 'cpu' or 'auto'")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: choose 'auto', 'cpu' or 'cuda'")
+    return torch.device(name)
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Resolve ``--precision``: ``bf16`` always autocasts, ``fp32`` never, ``auto`` where :func:`native_bf16`."""
     if precision not in PRECISIONS:

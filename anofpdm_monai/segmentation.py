@@ -5,8 +5,9 @@ Shapes: B slices, K visited timesteps, M map channels, S x S pixels.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -15,11 +16,17 @@ from scipy import ndimage
 
 from anofpdm_monai.forward_process import ForwardProcessResult
 
-if TYPE_CHECKING:
-    from anofpdm_monai.calibration import Calibration
+
+
+class Thresholds(Protocol):
+    """What :func:`segment` reads of a calibration (e.g. :class:`anofpdm_monai.calibration.Calibration`)."""
+
+    thr_01: float
+    D: list[float]
 
 SETUPS = ("mixed", "unhealthy")
 VARIANTS = ("aggregated", "last")
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 MEDIAN_KERNEL = 5
 REFERENCE_MIN_AREA = 40
 REFERENCE_SIZE = 128
@@ -168,6 +175,16 @@ def remove_small_components(mask: torch.Tensor, max_area: int) -> torch.Tensor:
     return torch.from_numpy(kept.reshape(mask.shape)).to(mask.device)
 
 
+def mixed_setup_masks(masks: ArrayOrTensor, predicted_unhealthy: ArrayOrTensor) -> ArrayOrTensor:
+    """The paper's mixed setup (ALGORITHM.md section 5): a slice predicted healthy gets an all-zero mask.
+
+    Args:
+        masks: (B, S, S) bool, tensor or array.
+        predicted_unhealthy: (B,) bool, of the same kind.
+    """
+    return masks & predicted_unhealthy[:, None, None]
+
+
 @dataclass
 class SegmentationResult:
     """Per-slice outputs of :func:`segment` (B slices, M map channels, S x S pixels).
@@ -181,6 +198,9 @@ class SegmentationResult:
         dmax: (B, M) maximum divergence.
         quantile: (B, M) quantile levels of the dynamic threshold.
         threshold: (B,) dynamic thresholds.
+        mixed_masks: (B, S, S) bool masks in the mixed setup (the method's own rule), whichever
+            setup ``masks`` follows.
+        network_calls: batched network calls per slice that produced it (0 when not counted).
     """
 
     maps: torch.Tensor
@@ -191,11 +211,21 @@ class SegmentationResult:
     dmax: torch.Tensor
     quantile: torch.Tensor
     threshold: torch.Tensor
+    mixed_masks: torch.Tensor
+    network_calls: int = 0
+
+    def cpu(self, network_calls: int | None = None) -> SegmentationResult:
+        """A copy on the CPU with float32 maps (and ``network_calls`` set when given)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {k: v.cpu() for k, v in values.items() if isinstance(v, torch.Tensor)}
+        moved["maps"] = moved["maps"].float()
+        calls = self.network_calls if network_calls is None else network_calls
+        return SegmentationResult(**{**values, **moved, "network_calls": calls})
 
 
 def segment(
     result: ForwardProcessResult,
-    calibration: Calibration,
+    calibration: Thresholds,
     *,
     setup: str = "mixed",
     variant: str = "aggregated",
@@ -238,15 +268,15 @@ def segment(
     masks = maps >= threshold[:, None, None]
     area = min_component_area(maps.shape[-1]) if min_area is None else min_area
     masks = remove_small_components(masks, area)
-    if setup == "mixed":
-        masks = masks & unhealthy[:, None, None]
+    mixed = mixed_setup_masks(masks, unhealthy)
     return SegmentationResult(
         maps=maps,
-        masks=masks,
+        masks=mixed if setup == "mixed" else masks,
         predicted_unhealthy=unhealthy,
         sim=sim,
         end_step=result.end_step[0],
         dmax=dmax,
         quantile=quantile,
         threshold=threshold,
+        mixed_masks=mixed,
     )

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from anofpdm_monai.config import DiffusionConfig, ModelConfig, network_preset
 from anofpdm_monai.data import PreprocessedStore, SliceDataset
 from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_torch_save, safe_torch_load
-from anofpdm_monai.networks import build_network, build_scheduler, drop_labels, load_weights
+from anofpdm_monai.networks import build_network, build_scheduler, drop_labels, load_weights, resolve_device
 
 LOG_COLUMNS = ["step", "loss", "lr", "wall_s"]
 
@@ -57,17 +57,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an unavailable ``cuda`` is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: choose auto, cpu or cuda")
-    return torch.device(name)
 
 
 def init_distributed(device: torch.device) -> DistInfo:

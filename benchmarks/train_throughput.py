@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
 from anofpdm_monai.config import DiffusionConfig, network_preset  # noqa: E402
-from anofpdm_monai.networks import build_network, build_scheduler, drop_labels  # noqa: E402
-from anofpdm_monai.training import resolve_device, update_ema  # noqa: E402
+from anofpdm_monai.networks import build_network, build_scheduler, drop_labels, resolve_device  # noqa: E402
+from anofpdm_monai.training import update_ema  # noqa: E402
 
 
 def measure(preset: str, device: torch.device, batch_size: int, steps: int, warmup: int, channels: int,

@@ -552,7 +552,7 @@ def write_case(
     Returns the case id and its lesion metadata ``{"kind": ..., "lesions": [...]}`` (kind
     ``healthy`` when the case has no lesion).
     """
-    from anofpdm_monai.io import _atomic_write
+    from anofpdm_monai.io import atomic_write
 
     paths = brats_case_paths if layout == "brats" else atlas_case_paths
     case_id, channel_paths, label_path = paths(root, index)
@@ -566,7 +566,7 @@ def write_case(
         image.header.set_xyzt_units("mm", "sec")
         image.set_qform(phantom.affine, code=1)
         image.set_sform(phantom.affine, code=1)
-        _atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
+        atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
 
     for name, path in channel_paths.items():
         save(np.round(images[name]), path, np.int16)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from anofpdm_monai.calibration import calibrate, plot_calibration
+from anofpdm_monai.calibration import Calibration, calibrate, plot_calibration
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, calibration_path
+from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, SliceInferer, calibration_path
 from anofpdm_monai.io import InputError
-from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16
-from anofpdm_monai.training import resolve_device
+from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
+from anofpdm_monai.volume_mode import calibrate_volume_mode, validation_volumes
 from pipelines.segment import add_device_arguments
 
 
@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=1, help="visit every k-th step (fast mode: k > 1)")
     parser.add_argument("--encoding", choices=["ddim", "ddpm"], default="ddim")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
+    parser.add_argument(
+        "--volume-cases", type=int, default=4,
+        help="whole validation patients that calibrate the volume family (anofpdm-*-volume) at the selected N, k, w; 0: none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--volume-only", action="store_true",
+        help="keep the existing calibration of --encoding and (re)calibrate only its volume family",
+    )  # fmt: skip
     add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -56,30 +64,48 @@ def run(args: argparse.Namespace) -> int:
         steps = [int(n) for n in args.steps.split(",") if n.strip()]
     except ValueError as err:
         raise ValueError(f"--steps {args.steps!r}: give one or more comma-separated integers, e.g. 600 or 200,400,600") from err
-    images, labels = validation_sample(store, args.n_val, args.seed)
-    calibration, curves = calibrate(
-        NoisePredictor(network, autocast=use_bf16(args.precision, device)),
-        build_scheduler(config.diffusion).alphas_cumprod.to(device),
-        images,
-        labels,
-        w_grid=w_grid,
-        steps=steps,
-        stride=args.stride,
-        encoding=args.encoding,
-        map_channels=config.preprocess.map_channel_indices,
-        map_channel_names=config.preprocess.map_channels,
-        batch_size=args.batch_size,
-        generator=torch.Generator(device=device).manual_seed(args.seed),
-        device=device,
-    )
+    predict_eps = NoisePredictor(network, autocast=use_bf16(args.precision, device))
+    alphas_cumprod = build_scheduler(config.diffusion).alphas_cumprod.to(device)
     out = calibration_path(args.model, args.encoding)
+    if args.volume_only:
+        if args.volume_cases < 1:
+            raise ValueError(f"--volume-only needs --volume-cases >= 1, got {args.volume_cases}")
+        calibration = Calibration.load(out)
+    else:
+        images, labels = validation_sample(store, args.n_val, args.seed)
+        calibration, curves = calibrate(
+            predict_eps,
+            alphas_cumprod,
+            images,
+            labels,
+            w_grid=w_grid,
+            steps=steps,
+            stride=args.stride,
+            encoding=args.encoding,
+            map_channels=config.preprocess.map_channel_indices,
+            map_channel_names=config.preprocess.map_channels,
+            batch_size=args.batch_size,
+            generator=torch.Generator(device=device).manual_seed(args.seed),
+            device=device,
+        )
+        print(
+            f"{out}: N*={calibration.steps}, w*={calibration.w:g}, thr_01={calibration.thr_01:.4f}, "
+            f"D={[round(d, 5) for d in calibration.D]}"
+        )
+        print(f"validation accuracy ({calibration.n_val} slices):")
+        for budget, row in zip(calibration.steps_grid, calibration.accuracy_by_steps):
+            print(f"  N={budget}: " + ", ".join(f"w={w:g}: {a:.3f}" for w, a in zip(calibration.w_grid, row)))
+    if args.volume_cases > 0:
+        inferer = SliceInferer(predict_eps, alphas_cumprod, calibration, batch_size=args.batch_size, seed=args.seed, device=device)
+        volumes = validation_volumes(store, inferer.forward_process, args.volume_cases, args.seed)
+        volume = calibrate_volume_mode(volumes)
+        calibration.volume = volume.to_dict()
+        print(
+            f"volume family ({volume.n_val_volumes} patients, {volume.n_val_slices} slices): pixel level q={volume.pixel_quantile} "
+            f"(map >= {volume.pixel_threshold:.4g}), components >= {volume.min_lesion_mm3:g} mm^3, health by "
+            f"{volume.health}{' (with neighbours)' if volume.smooth_slices else ''}: accuracy {volume.accuracy:.3f}"
+        )
     calibration.save(out)
-    plot_calibration(calibration, curves, Path(out).with_suffix(".png"))
-    print(
-        f"{out}: N*={calibration.steps}, w*={calibration.w:g}, thr_01={calibration.thr_01:.4f}, "
-        f"D={[round(d, 5) for d in calibration.D]}"
-    )
-    print(f"validation accuracy ({calibration.n_val} slices):")
-    for budget, row in zip(calibration.steps_grid, calibration.accuracy_by_steps):
-        print(f"  N={budget}: " + ", ".join(f"w={w:g}: {a:.3f}" for w, a in zip(calibration.w_grid, row)))
+    if not args.volume_only:
+        plot_calibration(calibration, curves, Path(out).with_suffix(".png"))
     return 0

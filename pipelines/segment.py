@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"{record.case_id}: done already, skipped (--continue)")
             continue
         try:
-            result = inferer(model_order(record, inferer.config.preprocess.channel_names))
+            result = inferer(model_order(record, inferer.config.preprocess.channel_names), case_id=record.case_id)
             inferer.write(result, out_dir, record.case_id, save_png=args.save_png)
         except InputError as err:
             failed += 1

@@ -231,6 +231,7 @@ def hand_results(tmp_path):
             "truth": truth[part], "foreground": fg[part], "intensity": intensity[part],
             "slice_indices": indices[case_id],
             "anofpdm-ddim/maps": maps[part], "anofpdm-ddim/masks": masks[part], "anofpdm-ddim/pred": pred[part],
+            "anofpdm-ddim/mixed_masks": masks[part] & pred[part][:, None, None],
             "anofpdm-ddim/sim": np.full(n, 0.9), "anofpdm-ddim/t_e": np.zeros(n),
             "anofpdm-ddim/quantile": np.full(n, 0.98), "anofpdm-ddim/threshold": np.full(n, 0.3),
         }  # fmt: skip

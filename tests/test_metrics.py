@@ -124,15 +124,15 @@ def test_classification_scores():
 
 def _slice_table() -> pd.DataFrame:
     rows = [
-        # method, label, pred_label, dice, iou (unhealthy setup), calls, seconds, pixel labels
-        ("anofpdm", UNHEALTHY, UNHEALTHY, 0.8, 0.6, 10, 0.5, False),
-        ("anofpdm", UNHEALTHY, HEALTHY, 0.5, 0.4, 10, 0.5, False),  # mixed: zero mask -> 0
-        ("anofpdm", HEALTHY, HEALTHY, 0.0, 0.0, 10, 0.5, False),  # mixed: zero mask -> 1
-        ("anofpdm", HEALTHY, UNHEALTHY, 0.0, 0.0, 10, 0.5, False),
-        ("ddib", UNHEALTHY, np.nan, 0.3, 0.2, 9, 0.25, True),
-        ("ddib", HEALTHY, np.nan, 1.0, 1.0, 9, 0.25, True),
+        # method, label, pred_label, dice, iou (unhealthy setup), mixed dice, mixed iou, calls, seconds, pixel labels
+        ("anofpdm", UNHEALTHY, UNHEALTHY, 0.8, 0.6, 0.8, 0.6, 10, 0.5, False),
+        ("anofpdm", UNHEALTHY, HEALTHY, 0.5, 0.4, 0.0, 0.0, 10, 0.5, False),  # mixed: zero mask -> 0
+        ("anofpdm", HEALTHY, HEALTHY, 0.0, 0.0, 1.0, 1.0, 10, 0.5, False),  # mixed: zero mask -> 1
+        ("anofpdm", HEALTHY, UNHEALTHY, 0.0, 0.0, 0.0, 0.0, 10, 0.5, False),
+        ("ddib", UNHEALTHY, np.nan, 0.3, 0.2, 0.3, 0.2, 9, 0.25, True),
+        ("ddib", HEALTHY, np.nan, 1.0, 1.0, 1.0, 1.0, 9, 0.25, True),
     ]
-    cols = ["method", "label", "pred_label", "dice", "iou", "network_calls", "seconds", "uses_pixel_labels"]
+    cols = ["method", "label", "pred_label", "dice", "iou", "mixed_dice", "mixed_iou", "network_calls", "seconds", "uses_pixel_labels"]
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -106,6 +106,7 @@ def test_store_format(tmp_path, capsys):
         assert set(np.unique(masks)) <= {0, 1}
         assert rows["slice"].tolist() == meta["slices"], "manifest rows follow the array rows"
         assert set(meta["sources"]) == set(CHANNELS) and meta["has_label"] is True
+        assert len(meta["slice_voxel_mm"]) == 3 and all(v > 0 for v in meta["slice_voxel_mm"])
         # Image-level label == the resized mask has any pixel.
         assert rows["label"].tolist() == [int(m.any()) for m in masks]
         assert rows["lesion_pixels"].tolist() == [int(m.sum()) for m in masks]

@@ -1,0 +1,70 @@
+"""Inferers: decisions once per volume, outputs independent of batching, and one path for segment and evaluate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anofpdm_monai.calibration import Calibration
+from anofpdm_monai.evaluation import Cohort, CohortEvaluator, load_case_results
+from anofpdm_monai.inferers import VolumeInferer, slice_seeds
+from test_segment import AFFINES, make_model, use_oracle, write_case
+
+VOLUME_SECTION = dict(map_filter=3, pixel_quantile=0.99, pixel_threshold=1e-4, min_lesion_mm3=20.0, health="dmax",
+                      smooth_slices=True, health_threshold=1e-4, accuracy=0.9, mask_accuracy=0.9)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    """A model folder with DDIM and DDPM calibrations, both with the volume family (run with the OracleHealer)."""
+    folder = make_model(tmp_path_factory.mktemp("inferers") / "model", w=1.0, thr_01=0.99, D=10.0)
+    calibration = Calibration.load(folder / "calibration.json")
+    calibration.volume = VOLUME_SECTION
+    calibration.save(folder / "calibration.json")
+    calibration.encoding = "ddpm"
+    calibration.save(folder / "calibration_ddpm.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("inferers_case") / "BraTS2021_00007"
+    return write_case(folder, "BraTS2021_00007", AFFINES["LPS"], names=("flair", "t1", "t1ce", "t2"))
+
+
+def test_slice_seeds_depend_on_case_and_slice_only():
+    assert slice_seeds(0, "A", [3, 4]) == slice_seeds(0, "A", [7, 3, 4])[1:]
+    assert slice_seeds(0, "A", [3]) != slice_seeds(0, "B", [3]) != slice_seeds(1, "A", [3])
+
+
+@pytest.mark.parametrize("method", ["anofpdm-ddim", "anofpdm-ddpm", "anofpdm-ddim-volume", "anofpdm-ddpm-volume"])
+def test_masks_and_maps_do_not_depend_on_the_batch_size(model, case, method, monkeypatch):
+    use_oracle(monkeypatch, w=1.0)
+    outputs = []
+    for batch_size in (3, 8):
+        inferer = VolumeInferer(model, method=method, batch_size=batch_size, device="cpu", precision="fp32")
+        result = inferer(case["paths"], case_id="BraTS2021_00007")
+        outputs.append(result)
+    a, b = outputs
+    assert a.slices.masks.any() and (a.slices.maps > 0).any(), "an empty output would prove nothing"
+    torch.testing.assert_close(a.slices.maps, b.slices.maps, rtol=0, atol=1e-6)
+    assert torch.equal(a.slices.masks, b.slices.masks)
+    assert np.array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.anomaly, b.anomaly, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["anofpdm-ddpm", "anofpdm-ddim-volume"])
+def test_segment_and_evaluate_give_the_same_mask(model, case, method, monkeypatch):
+    """The mixed-setup mask evaluate scores is the one segment writes (same case id, same settings)."""
+    use_oracle(monkeypatch, w=1.0)
+    inferer = VolumeInferer(model, method=method, batch_size=4, device="cpu", precision="fp32")
+    segmented = inferer(case["paths"], case["label"], case_id="BraTS2021_00007")
+    cohort_root = case["paths"][0].parent.parent
+    results = cohort_root.parent / f"results_{method}"
+    evaluator = CohortEvaluator(inferer, [method], results, batch_size=5)
+    evaluator.evaluate_case(Cohort(cohort_root, inferer).load("BraTS2021_00007"))
+    arrays, _ = load_case_results(evaluator.case_file("BraTS2021_00007"))
+    assert segmented.slices.masks.any()
+    assert np.array_equal(arrays[f"{method}/mixed_masks"], segmented.slices.masks.numpy())
+    np.testing.assert_allclose(arrays[f"{method}/maps"], segmented.slices.maps.numpy(), rtol=0, atol=1e-6)
