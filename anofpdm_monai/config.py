@@ -220,9 +220,9 @@ class ModelConfig:
         return cls(**sections)
 
     def save(self, path: str | Path) -> None:
-        from anofpdm_monai.io import atomic_write_text
+        from anofpdm_monai.io import atomic_write_json
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:

@@ -356,27 +356,27 @@ def empty_threshold_row(rows: dict[str, dict], n_slices: int) -> dict:
 
 def undefined_reasons(row: dict) -> dict[str, str]:
     """``{metric: why}`` for every metric of ``row`` that is NaN or None (written as null)."""
+    no_oracle = "oracle_threshold" in row and row.get("oracle_direction") is None  # the empty threshold row
     reasons = {}
     for key, value in row.items():
-        if key != "undefined" and (value is None or (isinstance(value, float) and math.isnan(value))):
-            if key == "oracle_direction":
-                continue
-            if key in ("mixed_dice", "mixed_iou", "case_dice_3d") and "oracle_threshold" in row and row.get("n_unhealthy") == 0:
-                reasons[key] = UNDEFINED_REASONS["oracle_threshold"]
-            else:
-                reasons[key] = UNDEFINED_REASONS.get(key, "not computable for these slices")
+        if key not in ("undefined", "oracle_direction") and (value is None or (isinstance(value, float) and math.isnan(value))):
+            reasons[key] = UNDEFINED_REASONS["oracle_threshold" if no_oracle else key] if no_oracle or key in UNDEFINED_REASONS else (
+                "not computable for these slices")
     return reasons
 
 
 def undefined_note(rows: dict[str, dict]) -> str:
     """Footnote lines for summary.md: which metrics print as '–' and why."""
-    why: dict[str, list[str]] = {}
+    keys_of: dict[tuple[str, str], list[str]] = {}  # (method, reason) -> metrics
     for method, row in rows.items():
         for key, reason in row.get("undefined", {}).items():
-            why.setdefault(f"{key}: {reason}", []).append(method)
-    if not why:
+            keys_of.setdefault((method, reason), []).append(key)
+    methods_of: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (reason, metrics) -> methods
+    for (method, reason), keys in keys_of.items():
+        methods_of.setdefault((reason, tuple(keys)), []).append(method)
+    if not methods_of:
         return ""
-    lines = [f"- {text} ({', '.join(methods)})" for text, methods in why.items()]
+    lines = [f"- {', '.join(keys)} ({', '.join(methods)}): {reason}" for (reason, keys), methods in methods_of.items()]
     return "\n– undefined (null in summary.json):\n" + "\n".join(lines) + "\n"
 
 
