@@ -299,6 +299,11 @@ def _raise_non_finite(path: Path, image: nib.Nifti1Image, data: np.ndarray) -> N
     raise InputError(f"{path}: {int(bad.sum())} NaN or infinite voxels; fix or mask them (e.g. set them to 0) and retry")
 
 
+# Header fields that place the voxels in space; save_like copies them verbatim from the input.
+GEOMETRY_FIELDS = ("pixdim", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z",
+                   "qform_code", "sform_code", "srow_x", "srow_y", "srow_z", "xyzt_units", "dim_info")  # fmt: skip
+
+
 def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type | np.dtype) -> Path:
     """Write ``array`` on the reference image's grid: same shape, affine, qform/sform and codes, zooms.
 
@@ -318,8 +323,8 @@ def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, d
     header["cal_min"] = 0.0
     header["cal_max"] = 0.0
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), None, header)
-    qform, qcode = reference.get_qform(coded=True)
-    sform, scode = reference.get_sform(coded=True)
-    image.set_qform(qform if qform is not None else reference.affine, int(qcode) if qcode is not None else 0)
-    image.set_sform(sform if sform is not None else reference.affine, int(scode) if scode is not None else 0)
+    # The geometry fields are copied as they were, not recomputed: with qform code 0 the pixdim and quaternion
+    # may disagree with the sform, and a sheared sform has no exact quaternion (set_qform would rewrite them).
+    for name in GEOMETRY_FIELDS:
+        image.header[name] = reference.header[name]
     return atomic_write(path, lambda tmp: nib.save(image, str(tmp)))
