@@ -23,7 +23,7 @@ import torch
 
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, SliceInferer, VolumeInferer, load_calibration
+from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, SliceInferer, VolumeInferer, calibration_path, load_calibration
 from anofpdm_monai.io import (
     InputError,
     atomic_save_dataframe,
@@ -33,6 +33,7 @@ from anofpdm_monai.io import (
     check_case_id,
     json_text,
 )
+from anofpdm_monai.methods import REGISTRY
 from anofpdm_monai.metrics import (
     PooledAUPRC,
     brain_foreground,
@@ -47,9 +48,21 @@ from anofpdm_monai.segmentation import mixed_setup_masks
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
 from data_prep.readers import LESION_LABELS, detect_layout, read_cases
 
-BASELINES = ("ddib", "threshold")
-ALL_METHODS = (*ANOFPDM_METHODS, *BASELINES)
-DEFAULT_METHODS = ALL_METHODS
+BASELINES = tuple(name for name, method in REGISTRY.items() if method.kind != "anofpdm")
+ALL_METHODS = tuple(REGISTRY)
+
+
+def supported_methods(model_dir: str | Path) -> list[str]:
+    """Every registered method the model folder's calibrations can run (the volume family only where calibrated)."""
+    methods = []
+    for name, method in REGISTRY.items():
+        if method.kind == "anofpdm":
+            if not calibration_path(model_dir, method.encoding).is_file():
+                continue
+            if method.variant == "volume" and load_calibration(model_dir, method.encoding).volume is None:
+                continue
+        methods.append(name)
+    return methods
 
 
 @dataclass
@@ -301,7 +314,7 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
                     "threshold": float(arrays[f"{method}/threshold"][i]) if f"{method}/threshold" in arrays else (
                         oracle.threshold if method == "threshold" else np.nan),
                     "network_calls": fact.get("calls", 0), "seconds": fact.get("seconds", 0.0) / max(n, 1),
-                    "uses_pixel_labels": method in BASELINES,
+                    "uses_pixel_labels": REGISTRY[method].uses_pixel_labels,
                 })  # fmt: skip
             pooled[method][0].update(maps, truth, fg)
             pooled[method][1].update(maps[labels], truth[labels], fg[labels])

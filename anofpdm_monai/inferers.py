@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
 from anofpdm_monai.io import InputError, check_case_id, save_like
+from anofpdm_monai.methods import anofpdm_methods
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
 from anofpdm_monai.segmentation import SegmentationResult, segment
 from anofpdm_monai.transforms import PreprocessedCase, preprocess_with, slices_to_volume
@@ -34,17 +35,8 @@ from anofpdm_monai.volume_mode import VolumeCalibration, VolumeInputs, volume_se
 # where activations overflow the caches). Raise it on a GPU.
 DEFAULT_BATCH_SIZE = 8
 
-# method name -> (encoding, decision variant): "aggregated" / "last" are the paper's per-slice
-# decisions on the aggregated map or on the SAM at t_e; "volume" is the volume family
-# (anofpdm_monai.volume_mode) on the aggregated map.
-ANOFPDM_METHODS = {
-    "anofpdm-ddim": ("ddim", "aggregated"),
-    "anofpdm-ddpm": ("ddpm", "aggregated"),
-    "anofpdm-ddim-last": ("ddim", "last"),
-    "anofpdm-ddpm-last": ("ddpm", "last"),
-    "anofpdm-ddim-volume": ("ddim", "volume"),
-    "anofpdm-ddpm-volume": ("ddpm", "volume"),
-}
+# method name -> (encoding, decision variant), from the registry (anofpdm_monai.methods)
+ANOFPDM_METHODS = anofpdm_methods()
 VARIANTS = ("aggregated", "last", "volume")
 
 

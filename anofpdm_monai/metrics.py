@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from anofpdm_monai.methods import REGISTRY
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -400,9 +401,7 @@ def summary_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
         cells += [_fmt(row.get(key), ".1f", 100.0) for _, key in SUMMARY_COLUMNS]
         cells += [_fmt(row.get("calls_per_slice"), ".1f"), _fmt(row.get("seconds_per_slice"), ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = {"ddib": "ddib's threshold is tuned on validation masks",
-             "threshold": "threshold is the oracle intensity cut, tuned on the evaluated slices themselves (an upper bound)"}  # fmt: skip
     if pixel_methods:
-        said = "; ".join(notes.get(m, f"{m} is tuned on pixel labels") for m in pixel_methods)
+        said = "; ".join(REGISTRY[m].footnote if m in REGISTRY else f"{m} is tuned on pixel labels" for m in pixel_methods)
         lines += ["", f"{PIXEL_LABEL_MARKER} uses pixel labels: {said}."]
     return "\n".join(lines) + "\n"

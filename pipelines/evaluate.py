@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from anofpdm_monai.evaluation import ALL_METHODS, Cohort, CohortEvaluator, merge_results, select_slices, tune_ddib_threshold
+from anofpdm_monai.evaluation import (
+    ALL_METHODS,
+    Cohort,
+    CohortEvaluator,
+    merge_results,
+    select_slices,
+    supported_methods,
+    tune_ddib_threshold,
+)
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
 from pipelines.segment import add_device_arguments, add_max_voxels_argument, resolve_model
@@ -24,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, help="preprocessed store or raw cohort folder")
     parser.add_argument("-o", "--output", required=True, help="results folder")
     parser.add_argument("--split", default="test", help="store split to evaluate (stores only)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated methods")
+    parser.add_argument(
+        "--methods", default=None,
+        help=f"comma-separated methods of {', '.join(ALL_METHODS)} (default: every one the model is calibrated for)",
+    )  # fmt: skip
     parser.add_argument("--max-slices", type=int, default=None, help="evaluate a seeded subset of this many slices")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--stride", type=int, default=None)
@@ -44,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     num_parts, part_id = (world, rank) if world > 1 else (args.num_parts, args.part_id)
     if not 0 <= part_id < num_parts:
         raise ValueError(f"--part-id {part_id} must lie in [0, --num-parts {num_parts})")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    model_dir = resolve_model(args.model)
+    methods = supported_methods(model_dir) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     results = Path(args.output)
     try:
         (results / "cases").mkdir(parents=True, exist_ok=True)
@@ -56,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():  # one GPU per torchrun process: without this every rank runs on cuda:0
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     inferer = VolumeInferer(
-        resolve_model(args.model), steps=args.steps, stride=args.stride, batch_size=args.batch_size,
+        model_dir, steps=args.steps, stride=args.stride, batch_size=args.batch_size,
         device=args.device, seed=args.seed, precision=args.precision,
     )  # fmt: skip
     cohort = Cohort(args.input, inferer, args.split)
