@@ -1,11 +1,20 @@
-"""Accuracy on a phantom test cohort of patients unseen in training: every method, Table-1 form.
+"""Accuracy on a phantom test cohort of patients unseen in training: every method, Table-1 form, per lesion kind.
 
-Generates a BraTS-layout phantom test cohort (seed 2 by default; the bundled model was trained on
-seed 1) and a small validation cohort (seed 4) for the ddib baseline's pixel-label threshold,
-preprocesses both with the model's settings, runs ``anofpdm evaluate`` with all methods and prints
-the summary beside the oracle intensity-threshold figure.
+Generates a phantom test cohort (seed 2 by default; the bundled model was trained on seed 1) and,
+with ddib, a validation cohort (seed 4, same layout and lesion mix) for its pixel-label threshold,
+preprocesses both with the model's settings and runs ``anofpdm evaluate`` on whole volumes (the
+``-volume`` methods decide in 3-D). From its results folder, the phantom's lesion metadata and the
+store's case geometry it then breaks every method down:
 
-    python benchmarks/accuracy.py --cases 20 --max-slices 600
+* per lesion kind (the case's kind, lesion slices only): unhealthy DICE, pooled AUPRC over the brain
+  pixels and health recall, beside the oracle intensity threshold tuned on that kind (an upper bound);
+* per slice lesion size (lesion pixels at S, with the mm^2 they cover): unhealthy DICE and the
+  fraction of lesion slices left with an empty mask;
+* per 3-D lesion volume (26-connected truth components over consecutive slices, mm^3): the fraction
+  of lesions the mixed mask touches, and false-positive components per case.
+
+    python benchmarks/accuracy.py --cases 20
+    python benchmarks/accuracy.py --cases 4 --max-slices 40 --methods anofpdm-ddim,threshold
 """
 
 from __future__ import annotations
@@ -14,53 +23,294 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+import numpy as np
+import pandas as pd
+from scipy import ndimage
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, write_json  # noqa: E402
+
+from anofpdm_monai.baselines import apply_threshold, best_threshold_dice  # noqa: E402
 from anofpdm_monai.config import ModelConfig  # noqa: E402
-from anofpdm_monai.evaluation import ALL_METHODS  # noqa: E402
-from data_prep.phantom import generate_cohort  # noqa: E402
+from anofpdm_monai.evaluation import BASELINES, load_case_results  # noqa: E402
+from anofpdm_monai.inferers import ANOFPDM_METHODS, calibration_path  # noqa: E402
+from anofpdm_monai.metrics import PooledAUPRC, dice_iou_per_slice  # noqa: E402
+from anofpdm_monai.networks import UNHEALTHY  # noqa: E402
+from data_prep.phantom import generate_cohort, load_lesion_metadata, parse_lesions  # noqa: E402
 from pipelines.cli import main as cli  # noqa: E402
 from pipelines.segment import resolve_model  # noqa: E402
 
+SIZE_BINS = {"1-10": (1, 10), "11-30": (11, 30), "31-100": (31, 100), ">100": (101, np.inf)}
+"""Slice lesion-size bins: lesion pixels of one S x S slice (inclusive ranges)."""
 
-def build_store(work: Path, name: str, cases: int, seed: int, split: str, size: int, healthy: float) -> Path:
-    raw, store = work / f"{name}_raw", work / f"{name}_store"
+VOLUME_BINS = {"<100": (0, 100), "100-1000": (100, 1000), "1000-10000": (1000, 10000), ">10000": (10000, np.inf)}
+"""3-D lesion volume bins in mm^3, [low, high)."""
+
+CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
+ORACLE_ROW = "oracle threshold (per kind)"
+
+
+def model_methods(model: Path) -> list[str]:
+    """Every method ``model`` supports: the ``-volume`` ones only when its calibration has a "volume" section.
+
+    The DDPM methods read ``calibration_ddpm.json``, falling back to ``calibration.json`` as evaluate does.
+    """
+    methods = []
+    for method, (encoding, variant) in ANOFPDM_METHODS.items():
+        path = calibration_path(model, encoding)
+        path = path if path.is_file() else calibration_path(model, "ddim")
+        if variant != "volume" or json.loads(path.read_text()).get("volume") is not None:
+            methods.append(method)
+    return [*methods, *BASELINES]
+
+
+def check_kinds(raw: Path, kinds: tuple[str, ...], name: str) -> tuple[dict[str, int], list[str]]:
+    """Cases per kind of a phantom cohort, and the requested kinds it lacks (printed, with a warning)."""
+    counts = dict(Counter(case["kind"] for case in load_lesion_metadata(raw).values()))
+    missing = [k for k in kinds if k not in counts]
+    print(f"{name} cohort: {counts}")
+    if missing:
+        print(f"WARNING: the {name} cohort holds no case of kind(s) {', '.join(missing)}; use more cases or a new seed")
+    return counts, missing
+
+
+def build_store(work: Path, name: str, layout: str, kinds: tuple[str, ...], cases: int, seed: int, split: str,
+                size: int, healthy: float) -> tuple[Path, Path]:  # fmt: skip
+    """(raw cohort, preprocessed store) of a phantom cohort, reused when a previous run already built it."""
+    tag = f"{name}_{layout}_{'-'.join(kinds)}_{cases}c_seed{seed}_{size}px"
+    raw, store = work / f"{tag}_raw", work / f"{tag}_store"
     if not (store / "manifest.csv").is_file():
-        generate_cohort(raw, "brats", cases, healthy_fraction=healthy, seed=seed, workers=2)
-        assert cli(["preprocess", "-i", str(raw), "-o", str(store), "--dataset", "brats", "--size", str(size),
+        generate_cohort(raw, layout, cases, healthy_fraction=healthy, seed=seed, workers=2, lesions=kinds)
+        assert cli(["preprocess", "-i", str(raw), "-o", str(store), "--dataset", layout, "--size", str(size),
                     "--split", split, "--workers", "2"]) == 0  # fmt: skip
-    return store
+    return raw, store
+
+
+class Evaluated:
+    """An ``anofpdm evaluate`` results folder with each case's lesion kind and slice geometry.
+
+    Iterating yields ``(case, arrays)`` of every evaluated case, loading one ``cases/<case>.npz`` at a
+    time (whole volumes of every method do not all fit in memory at once); it can be iterated again.
+    """
+
+    def __init__(self, results: Path, raw: Path, store: Path) -> None:
+        self.results = results
+        self.summary = json.loads((results / "summary.json").read_text())
+        self.slices = pd.read_csv(results / "slices.csv", dtype={"case": str})
+        self.case_ids = sorted(self.slices["case"].unique())
+        metadata = load_lesion_metadata(raw)
+        self.kind = {c: metadata[c]["kind"] for c in self.case_ids}
+        self.voxel_mm = {c: json.loads((store / "cases" / f"{c}.json").read_text())["slice_voxel_mm"]
+                         for c in self.case_ids}  # fmt: skip
+        self.slices["kind"] = self.slices["case"].map(self.kind)
+        threshold = self.summary.get("threshold", {})
+        self.oracle = {"threshold": threshold.get("oracle_threshold"), "direction": threshold.get("oracle_direction")}
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        for case in self.case_ids:
+            yield case, load_case_results(self.results / "cases" / f"{case}.npz")[0]
+
+
+def method_outputs(arrays: dict[str, np.ndarray], method: str, oracle: dict) -> tuple[np.ndarray, ...]:
+    """(maps, unhealthy-setup masks, mixed masks) of ``method`` on one case, scored as ``anofpdm evaluate`` does.
+
+    ``threshold`` is the intensity map binarised with ``oracle`` ({"threshold", "direction"}) inside
+    the brain; its map is the intensity, negated for a "low" threshold.
+    """
+    if method == "threshold":
+        intensity = arrays["intensity"]
+        masks = apply_threshold(intensity, oracle["threshold"], oracle["direction"]) & arrays["foreground"]
+        return (intensity if oracle["direction"] == "high" else -intensity), masks, masks
+    masks = arrays[f"{method}/masks"]
+    return arrays[f"{method}/maps"], masks, arrays.get(f"{method}/mixed_masks", masks)
+
+
+def health_recall(pred_label: pd.Series) -> float:
+    """Fraction of (lesion) slices classified unhealthy; NaN for a method that does not classify."""
+    return float((pred_label == UNHEALTHY).mean()) if pred_label.notna().any() else float("nan")
+
+
+def kind_table(evaluated: Evaluated, methods: list[str], kinds: tuple[str, ...]) -> dict:
+    """Per lesion kind, over the lesion slices of that kind's cases: DICE, AUPRC, health recall, oracle threshold.
+
+    DICE is the unhealthy-setup DICE averaged over the slices; AUPRC pools the brain pixels of those
+    slices (maps vs truth); recall is the fraction of them classified unhealthy. The extra row
+    :data:`ORACLE_ROW` is the intensity threshold tuned on each kind's own slices (best pooled DICE,
+    either direction): an upper bound for ``threshold``, whose row uses evaluate's single cohort-wide cut.
+    """
+    lesion = evaluated.slices[(evaluated.slices["label"] == UNHEALTHY) & evaluated.slices["method"].isin(methods)]
+    table = {"dice": {}, "auprc": {}, "recall": {}}
+    for method, group in lesion.groupby("method", sort=False):
+        table["dice"][method] = group.groupby("kind")["dice"].mean().to_dict()
+        table["recall"][method] = group.groupby("kind")["pred_label"].apply(health_recall).to_dict()
+    pooled = defaultdict(PooledAUPRC)
+    pixels = defaultdict(list)  # kind -> [(intensity, truth, foreground) of its lesion slices]
+    for case, arrays in evaluated:
+        kind, truth, fg = evaluated.kind[case], arrays["truth"], arrays["foreground"]
+        keep = truth.any(axis=(1, 2))
+        if not keep.any():
+            continue
+        pixels[kind].append((arrays["intensity"][keep], truth[keep], fg[keep]))
+        for method in methods:
+            maps = method_outputs(arrays, method, evaluated.oracle)[0]
+            pooled[method, kind].update(maps[keep], truth[keep], fg[keep])
+    for method in methods:
+        table["auprc"][method] = {k: pooled[method, k].compute() for k in kinds if (method, k) in pooled}
+    table["oracle"] = {k: kind_oracle(*map(np.concatenate, zip(*pixels[k]))) for k in kinds if pixels[k]}
+    for metric in ("dice", "auprc"):
+        table[metric][ORACLE_ROW] = {k: o[metric] for k, o in table["oracle"].items()}
+    per_slice = lesion.drop_duplicates(["case", "slice"])
+    table["lesion_slices"] = {k: int(v) for k, v in per_slice["kind"].value_counts().items()}
+    return table
+
+
+def kind_oracle(intensity: np.ndarray, truth: np.ndarray, fg: np.ndarray) -> dict:
+    """The intensity threshold tuned on these slices' brain pixels, and the DICE / AUPRC it reaches on them."""
+    best = best_threshold_dice(intensity[fg], truth[fg], direction="best")
+    oracle = {"threshold": best.threshold, "direction": best.direction}
+    maps, masks, _ = method_outputs({"intensity": intensity, "foreground": fg}, "threshold", oracle)
+    auprc = PooledAUPRC()
+    auprc.update(maps, truth, fg)
+    return {**oracle, "pooled_dice": best.dice, "dice": float(dice_iou_per_slice(masks, truth)[0].mean()),
+            "auprc": auprc.compute()}  # fmt: skip
+
+
+def size_table(evaluated: Evaluated, methods: list[str]) -> dict:
+    """Per slice lesion-size bin (:data:`SIZE_BINS`, lesion pixels at S): unhealthy DICE and empty-mask fraction.
+
+    A bin's mm^2 range is its pixel range times the pixel area (slice_voxel_mm x * y, median over cases).
+    """
+    area = float(np.median([mm[0] * mm[1] for mm in evaluated.voxel_mm.values()]))
+    slices = evaluated.slices[(evaluated.slices["lesion_pixels"] > 0) & evaluated.slices["method"].isin(methods)]
+    edges = [lo - 0.5 for lo, _ in SIZE_BINS.values()] + [np.inf]
+    slices = slices.assign(bin=pd.cut(slices["lesion_pixels"], edges, labels=list(SIZE_BINS)),
+                           empty=slices["pred_pixels"] == 0)  # fmt: skip
+    table = {"dice": {}, "empty_fraction": {}}
+    for method, group in slices.groupby("method", sort=False):
+        by_bin = group.groupby("bin", observed=True)
+        table["dice"][method] = by_bin["dice"].mean().to_dict()
+        table["empty_fraction"][method] = by_bin["empty"].mean().to_dict()
+    table["lesion_slices"] = slices.drop_duplicates(["case", "slice"])["bin"].value_counts().astype(int).to_dict()
+    table["pixel_mm2"] = area
+    table["mm2"] = {name: [lo * area, hi * area] for name, (lo, hi) in SIZE_BINS.items()}
+    return table
+
+
+def stack(slices: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """(N, S, S) slices placed at their slice indices in a (max - min + 1, S, S) volume; gaps stay empty."""
+    volume = np.zeros((indices.max() - indices.min() + 1, *slices.shape[1:]), slices.dtype)
+    volume[indices - indices.min()] = slices
+    return volume
+
+
+def detection_table(evaluated: Evaluated, methods: list[str]) -> dict:
+    """Lesion-wise detection per 3-D lesion volume bin (:data:`VOLUME_BINS`, mm^3) and false positives per case.
+
+    Lesions are the 26-connected components of a case's truth stacked over its slice indices (a
+    ``--max-slices`` subset breaks them at the gaps); volume = voxels x prod(slice_voxel_mm). A lesion
+    is detected when the method's mixed mask overlaps it anywhere; a false positive is a predicted
+    component touching no lesion.
+    """
+    names, lows = list(VOLUME_BINS), [lo for lo, _ in VOLUME_BINS.values()]
+    lesions, hits, false_positives = Counter(), defaultdict(Counter), Counter()
+    for case, arrays in evaluated:
+        indices = arrays["slice_indices"].astype(int)
+        truth, n = ndimage.label(stack(arrays["truth"], indices), CONNECTIVITY_26)
+        volumes = np.bincount(truth.ravel(), minlength=n + 1)[1:] * float(np.prod(evaluated.voxel_mm[case]))
+        bins = np.array([names[i] for i in np.searchsorted(lows, volumes, side="right") - 1], dtype=object)
+        lesions.update(bins)
+        for method in methods:
+            mixed = stack(method_outputs(arrays, method, evaluated.oracle)[2], indices)
+            hits[method].update(bins[np.unique(truth[mixed & (truth > 0)]) - 1])
+            predicted, k = ndimage.label(mixed, CONNECTIVITY_26)
+            false_positives[method] += k - np.unique(predicted[(truth > 0) & (predicted > 0)]).size
+    cases = len(evaluated.case_ids)
+    return {
+        "detected": {m: {b: hits[m][b] / lesions[b] for b in names if lesions[b]} for m in methods},
+        "fp_per_case": {m: false_positives[m] / cases for m in methods},
+        "lesions": {b: lesions[b] for b in names},
+        "cases": cases,
+    }
+
+
+def tables_markdown(by_kind: dict, by_size: dict, detection: dict, kinds: tuple[str, ...], threshold: dict) -> str:
+    """The three breakdowns as markdown tables: methods as rows, kinds / bins as columns."""
+    cut = threshold["threshold"]
+    cut = "" if cut is None else f"`threshold`: one cohort-wide cut {cut:.3f} ({threshold['direction']}); "
+    parts = [f"### Per lesion kind (lesion slices only; {cut}`{ORACLE_ROW}`: tuned on each kind, an upper bound)"]
+    count = {"lesion slices": by_kind["lesion_slices"]}
+    for metric, title in (("dice", "unhealthy DICE"), ("auprc", "AUPRC"), ("recall", "health recall")):
+        parts += [title, markdown_table({**by_kind[metric], **count}, list(kinds))]
+    oracle = {k: f"{o['threshold']:.3f} ({o['direction']})" for k, o in by_kind["oracle"].items()}
+    parts.append(markdown_table({ORACLE_ROW: oracle}, list(kinds), first="intensity cut"))
+
+    mm2 = by_size["mm2"]
+    headers = {b: f"{b} px ({lo:.3g}-{hi:.3g} mm²)" for b, (lo, hi) in mm2.items()}
+    headers[">100"] = f">100 px (>{mm2['>100'][0]:.3g} mm²)"
+    count = {"lesion slices": by_size["lesion_slices"]}
+    for metric, title in (("dice", "unhealthy DICE"), ("empty_fraction", "share of lesion slices with an empty mask")):
+        parts += [f"### Per slice lesion size: {title}",
+                  markdown_table({**by_size[metric], **count}, list(SIZE_BINS), headers=headers)]  # fmt: skip
+
+    fp = "FP components / case"
+    rows = {m: {**hit, fp: detection["fp_per_case"][m]} for m, hit in detection["detected"].items()}
+    rows["lesions"] = detection["lesions"]
+    parts += [f"### Lesion-wise detection by 3-D volume (fraction hit by the mixed mask; {detection['cases']} cases)",
+              markdown_table(rows, [*VOLUME_BINS, fp], headers={b: f"{b} mm³" for b in VOLUME_BINS})]  # fmt: skip
+    return "\n\n".join(parts) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled")
+    parser.add_argument("--layout", choices=["brats", "atlas"], default="brats")
+    parser.add_argument("--lesions", default=None, help="comma list of lesion kinds (default: the layout's mix)")
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--seed", type=int, default=2, help="test cohort seed (never a training seed)")
-    parser.add_argument("--max-slices", type=int, default=600)
-    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--max-slices", type=int, default=0, help="seeded slice subset (0: whole volumes, which "
+                        "the -volume methods need for their 3-D decisions)")  # fmt: skip
+    parser.add_argument("--methods", default=None, help="comma list (default: every method the model supports)")
+    parser.add_argument("--val-cases", type=int, default=10, help="ddib's validation cohort (10: every brats kind)")
     parser.add_argument("--work", default="/tmp/anofpdm_accuracy")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--ddib-depth", type=int, default=300, help="encoding depth of the ddib baseline")
     parser.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = parser.parse_args()
     model = resolve_model(args.model)
+    methods = args.methods.split(",") if args.methods else model_methods(model)
+    kinds = parse_lesions(args.layout, args.lesions)
     size = ModelConfig.load(model / "config.json").network.image_size
     work = Path(args.work)
-    test = build_store(work, "test", args.cases, args.seed, "0,0,1", size, healthy=0.2)
-    val = build_store(work, "val", 5, 4, "0,1,0", size, healthy=0.2)
+    raw, test = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size, healthy=0.2)
+    cohort_kinds, missing = check_kinds(raw, kinds, "test")
+    val_args = []
+    if "ddib" in methods:
+        val_raw, val = build_store(work, "val", args.layout, kinds, args.val_cases, 4, "0,1,0", size, healthy=0.2)
+        check_kinds(val_raw, kinds, "val")
+        val_args = ["--val-data", str(val)]
     start = time.perf_counter()
-    results = work / "results"
-    code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", args.methods,
-                "--max-slices", str(args.max_slices), "--val-data", str(val), "--batch-size", str(args.batch_size),
-                "--ddib-depth", str(args.ddib_depth)])  # fmt: skip
-    summary = json.loads((results / "summary.json").read_text())
-    write_json(args.out, {"benchmark": "accuracy", "args": vars(args), "exit_code": code,
-                          "seconds": time.perf_counter() - start, "summary": summary,
-                          "summary_md": (results / "summary.md").read_text()})  # fmt: skip
+    results = test.parent / f"{test.name.removesuffix('_store')}_results"
+    subset = ["--max-slices", str(args.max_slices)] if args.max_slices > 0 else []
+    code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", ",".join(methods),
+                "--batch-size", str(args.batch_size), "--ddib-depth", str(args.ddib_depth),
+                *val_args, *subset])  # fmt: skip
+    seconds = time.perf_counter() - start
+    evaluated = Evaluated(results, raw, test)
+    methods = [m for m in methods if m in evaluated.summary]
+    by_kind = kind_table(evaluated, methods, kinds)
+    by_size = size_table(evaluated, methods)
+    detection = detection_table(evaluated, methods)
+    tables = tables_markdown(by_kind, by_size, detection, kinds, evaluated.oracle)
+    print("\n" + tables)
+    write_json(args.out, {"benchmark": "accuracy", "args": vars(args), "methods": methods, "kinds": list(kinds),
+                          "cohort_kinds": dict(cohort_kinds), "missing_kinds": missing, "exit_code": code,
+                          "seconds": seconds, "summary": evaluated.summary,
+                          "summary_md": (results / "summary.md").read_text(), "by_kind": by_kind,
+                          "by_size": by_size, "detection": detection, "tables_md": tables})  # fmt: skip
 
 
 if __name__ == "__main__":
