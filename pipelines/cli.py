@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 
 from anofpdm_monai.io import MAX_VOXELS_ENV, InputError, set_max_voxels
+from anofpdm_monai.threads import configure_threads
 
 # verb -> (module under pipelines/, one-line help)
 VERBS = {
@@ -77,12 +78,26 @@ def restored_environment(*names: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def restored_threads() -> Iterator[None]:
+    """Give torch its thread count back once the verb returns (``main`` may run several verbs in one process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f"pipelines.{VERBS[args.verb][0]}")
     try:
-        with one_line_warnings(args.verb), restored_environment(MAX_VOXELS_ENV):
+        with one_line_warnings(args.verb), restored_environment(MAX_VOXELS_ENV), restored_threads():
             set_max_voxels(getattr(args, "max_voxels", None))
+            if hasattr(args, "threads"):  # the inference verbs: threads from the usable CPUs, or --threads
+                configure_threads(args.threads)
             return int(module.run(args) or 0)
     except (InputError, FileNotFoundError, ValueError) as err:
         print(f"anofpdm {args.verb}: error: {err}", file=sys.stderr)

@@ -44,6 +44,10 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision``, shared by every verb that runs the network for inference."""
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU compute threads (default: torch's, capped at the CPUs this process may use: affinity and cgroup quota)",
+    )  # fmt: skip
 
 
 def resolve_model(model: str) -> Path:
