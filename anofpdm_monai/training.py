@@ -44,6 +44,7 @@ class TrainSettings:
     max_train_timestep: int | None = None
     checkpoint_every: int = 500
     resume: bool = False
+    init_from: Path | None = None
     device: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -121,6 +122,24 @@ def prepare_model_dir(settings: TrainSettings, config: ModelConfig) -> None:
             )
 
 
+def warm_start(source: Path, network_cfg, networks: tuple[torch.nn.Module, ...]) -> None:
+    """Start from the (EMA) weights of another model folder with the same network: fine-tuning.
+
+    Only the weights come over; the optimizer, the step count and the data are this run's own.
+    """
+    source = Path(source)
+    saved = ModelConfig.load(source / "config.json")
+    if saved.network != network_cfg:
+        raise InputError(
+            f"{source / 'config.json'}: --init-from needs the same network (preset {network_cfg.preset!r}, "
+            f"{network_cfg.in_channels} channels at {network_cfg.image_size}px); this one is preset {saved.network.preset!r} "
+            f"with {saved.network.in_channels} channels at {saved.network.image_size}px"
+        )
+    state = safe_torch_load(source / "model.pt")
+    for network in networks:
+        load_weights(network, state, source / "model.pt", network_cfg)
+
+
 def check_settings(settings: TrainSettings) -> None:
     """Reject numeric settings that would crash or silently do nothing, with the flag's name."""
     if settings.steps is not None and settings.steps < 1:
@@ -188,6 +207,8 @@ def train(settings: TrainSettings) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
     scheduler = build_scheduler(config.diffusion)
     step, log_rows = 0, []
+    if settings.init_from is not None and not settings.resume:
+        warm_start(settings.init_from, network_cfg, (model, ema))
     if settings.resume:
         state = safe_torch_load(settings.model_dir / "train_state.pt", map_location=device)
         load_weights(model, state["model"], settings.model_dir / "train_state.pt", network_cfg)

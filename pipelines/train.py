@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from anofpdm_monai.training import TrainSettings, train
+from pipelines.segment import resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--init-from", default=None,
+        help="model folder (same preset and channels) whose weights start this run: fine-tuning (ignored with --resume)",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
 
@@ -48,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         max_train_timestep=args.max_train_timestep,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        init_from=None if args.init_from is None else resolve_model(args.init_from),
         device=args.device,
         seed=args.seed,
     )

@@ -522,3 +522,22 @@ def test_cli_bad_numbers(capsys, tmp_path, store64, flags, needle):
     code = cli_main(args + flags)
     assert_one_line_error(code, capsys.readouterr().err.strip(), needle)
     assert not (tmp_path / "m").exists()
+
+
+def test_warm_start_copies_the_weights_of_a_model_with_the_same_network(tmp_path):
+    from test_segment import make_model
+
+    from anofpdm_monai.config import ModelConfig
+    from anofpdm_monai.networks import build_network
+    from anofpdm_monai.training import warm_start
+
+    source = make_model(tmp_path / "source")
+    cfg = ModelConfig.load(source / "config.json").network
+    model, ema = build_network(cfg), build_network(cfg)
+    warm_start(source, cfg, (model, ema))
+    saved = torch.load(source / "model.pt")
+    for net in (model, ema):
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+    other = dataclasses.replace(cfg, in_channels=1)
+    with pytest.raises(InputError, match="same network"):
+        warm_start(source, other, (build_network(other),))
