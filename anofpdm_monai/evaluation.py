@@ -7,10 +7,10 @@ files, so an interrupted or sharded run gives the same tables as one uninterrupt
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +23,14 @@ import torch
 
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, SliceInferer, VolumeInferer, calibration_path, load_calibration
+from anofpdm_monai.inferers import (
+    ANOFPDM_METHODS,
+    DEFAULT_BATCH_SIZE,
+    SliceInferer,
+    VolumeInferer,
+    calibration_path,
+    load_calibration,
+)
 from anofpdm_monai.io import (
     InputError,
     atomic_save_dataframe,
@@ -44,9 +51,9 @@ from anofpdm_monai.metrics import (
     volume_dice,
 )
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
+from anofpdm_monai.readers import LESION_LABELS, detect_layout, read_cases
 from anofpdm_monai.segmentation import mixed_setup_masks
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
-from data_prep.readers import LESION_LABELS, detect_layout, read_cases
 
 BASELINES = tuple(name for name, method in REGISTRY.items() if method.kind != "anofpdm")
 ALL_METHODS = tuple(REGISTRY)

@@ -21,6 +21,7 @@ from monai.inferers import Inferer
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
 from anofpdm_monai.io import InputError, check_case_id, save_like
@@ -243,7 +244,7 @@ class VolumeInferer(Inferer):
     """Patient NIfTI files in, mask and anomaly map on the input's own grid out.
 
     Args:
-        model_dir: a trained model folder (config.json, model.pt, calibration.json).
+        model_dir: a trained model folder (config.json, model.pt, calibration.json), or "bundled".
         method: one of ``anofpdm-ddim`` (default), ``anofpdm-ddpm``, ``anofpdm-ddim-last``, ``anofpdm-ddpm-last``.
         steps, stride: override the calibrated N and k.
         batch_size: slices per forward process; bounds peak memory.
@@ -270,7 +271,7 @@ class VolumeInferer(Inferer):
         super().__init__()
         if method not in ANOFPDM_METHODS:
             raise ValueError(f"--method {method!r}: choose one of {sorted(ANOFPDM_METHODS)}")
-        self.model_dir = Path(model_dir)
+        self.model_dir = resolve_model_dir(model_dir)
         self.method = method
         encoding, variant = ANOFPDM_METHODS[method]
         self.device = resolve_device(device)

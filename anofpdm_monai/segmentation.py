@@ -17,7 +17,6 @@ from scipy import ndimage
 from anofpdm_monai.forward_process import ForwardProcessResult
 
 
-
 class Thresholds(Protocol):
     """What :func:`segment` reads of a calibration (e.g. :class:`anofpdm_monai.calibration.Calibration`)."""
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_json  # noqa: E402
 
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice  # noqa: E402
+from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.config import ModelConfig  # noqa: E402
 from anofpdm_monai.evaluation import BASELINES, load_case_results  # noqa: E402
 from anofpdm_monai.inferers import ANOFPDM_METHODS, calibration_path  # noqa: E402
@@ -42,7 +43,6 @@ from anofpdm_monai.metrics import PooledAUPRC, dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import UNHEALTHY  # noqa: E402
 from data_prep.phantom import generate_cohort, load_lesion_metadata, parse_lesions  # noqa: E402
 from pipelines.cli import main as cli  # noqa: E402
-from pipelines.segment import resolve_model  # noqa: E402
 
 SIZE_BINS = {"1-10": (1, 10), "11-30": (11, 30), "31-100": (31, 100), ">100": (101, np.inf)}
 """Slice lesion-size bins: lesion pixels of one S x S slice (inclusive ranges)."""
@@ -276,11 +276,11 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma list (default: every method the model supports)")
     parser.add_argument("--val-cases", type=int, default=10, help="ddib's validation cohort (10: every brats kind)")
     parser.add_argument("--work", default="/tmp/anofpdm_accuracy")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward process (8: the fastest per slice on 2 CPU cores)")
     parser.add_argument("--ddib-depth", type=int, default=300, help="encoding depth of the ddib baseline")
     parser.add_argument("--out", default="benchmarks/results/accuracy.json")
     args = parser.parse_args()
-    model = resolve_model(args.model)
+    model = resolve_model_dir(args.model)
     methods = args.methods.split(",") if args.methods else model_methods(model)
     kinds = parse_lesions(args.layout, args.lesions)
     size = ModelConfig.load(model / "config.json").network.image_size
@@ -293,7 +293,8 @@ def main() -> None:
         check_kinds(val_raw, kinds, "val")
         val_args = ["--val-data", str(val)]
     start = time.perf_counter()
-    results = test.parent / f"{test.name.removesuffix('_store')}_results"
+    # one results folder per method set, so runs with other methods on the same cohort keep theirs
+    results = test.parent / f"{test.name.removesuffix('_store')}_results_{'+'.join(methods)}"
     subset = ["--max-slices", str(args.max_slices)] if args.max_slices > 0 else []
     code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", ",".join(methods),
                 "--batch-size", str(args.batch_size), "--ddib-depth", str(args.ddib_depth),

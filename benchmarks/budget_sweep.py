@@ -25,13 +25,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
+from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.data import PreprocessedStore  # noqa: E402
 from anofpdm_monai.forward_process import run_forward_process, visited_timesteps  # noqa: E402
 from anofpdm_monai.inferers import load_calibration  # noqa: E402
 from anofpdm_monai.metrics import PooledAUPRC, brain_foreground, dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16  # noqa: E402
-from anofpdm_monai.segmentation import anomaly_map, dynamic_threshold, health_similarity, min_component_area, remove_small_components  # noqa: E402
-from pipelines.segment import resolve_model  # noqa: E402
+from anofpdm_monai.segmentation import (  # noqa: E402
+    anomaly_map,
+    dynamic_threshold,
+    health_similarity,
+    min_component_area,
+    remove_small_components,
+)
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -63,7 +69,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", default="benchmarks/results/budget_sweep.json")
     args = parser.parse_args()
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model_dir(args.model)
     network, config = load_model_folder(model_dir)
     channels = load_calibration(model_dir, "ddim").map_channel_indices
     predict_eps = NoisePredictor(network, autocast=use_bf16(args.precision, torch.device("cpu")))

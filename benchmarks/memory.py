@@ -21,8 +21,8 @@ import resource, sys, torch
 from anofpdm_monai.config import DiffusionConfig
 from anofpdm_monai.forward_process import run_forward_process
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder
-from pipelines.segment import resolve_model
-net, cfg = load_model_folder(resolve_model(sys.argv[1]))
+from anofpdm_monai.bundled import resolve_model_dir
+net, cfg = load_model_folder(resolve_model_dir(sys.argv[1]))
 x0 = torch.rand(16, cfg.network.in_channels, cfg.network.image_size, cfg.network.image_size) * 2 - 1
 abar = build_scheduler(DiffusionConfig()).alphas_cumprod
 steps, stride = int(sys.argv[2]), int(sys.argv[3])
@@ -34,10 +34,10 @@ SEGMENT = """
 import resource, sys
 from pathlib import Path
 from anofpdm_monai.inferers import VolumeInferer
-from data_prep.readers import read_brats
-from pipelines.segment import resolve_model
+from anofpdm_monai.readers import read_brats
+from anofpdm_monai.bundled import resolve_model_dir
 record = read_brats(Path(sys.argv[2]))[0]
-inferer = VolumeInferer(resolve_model(sys.argv[1]), batch_size=int(sys.argv[3]), device="cpu")
+inferer = VolumeInferer(resolve_model_dir(sys.argv[1]), batch_size=int(sys.argv[3]), device="cpu")
 inferer.write(inferer(list(record.channels.values())), Path(sys.argv[4]), record.case_id)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """

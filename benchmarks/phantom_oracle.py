@@ -31,9 +31,9 @@ from _common import print_table, write_json  # noqa: E402
 
 from anofpdm_monai.baselines import best_threshold_dice  # noqa: E402
 from anofpdm_monai.metrics import brain_foreground  # noqa: E402
+from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, read_cases  # noqa: E402
 from anofpdm_monai.transforms import preprocess_case  # noqa: E402
 from data_prep.phantom import LESION_KINDS, generate_cohort, parse_lesions  # noqa: E402
-from data_prep.readers import DEFAULT_MAP_CHANNELS, read_cases  # noqa: E402
 
 
 def cohort_views(layout: str, kind: str, cases: int, size: int, seed: int) -> dict:

@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json  # noqa: E402
 
+from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.data import PreprocessedStore  # noqa: E402
 from anofpdm_monai.inferers import SliceInferer, VolumeInferer  # noqa: E402
 from anofpdm_monai.metrics import dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import NoisePredictor, use_bf16  # noqa: E402
+from anofpdm_monai.readers import read_brats  # noqa: E402
 from data_prep.phantom import generate_cohort  # noqa: E402
-from data_prep.readers import read_brats  # noqa: E402
-from pipelines.segment import resolve_model  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model_dir(args.model)
     volume = VolumeInferer(model_dir, batch_size=args.batch_size, device="cpu")
     base = volume.slice_inferer
     store = PreprocessedStore(args.store)

@@ -13,7 +13,7 @@ from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, SliceInferer, calibration
 from anofpdm_monai.io import InputError
 from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
 from anofpdm_monai.volume_mode import calibrate_volume_mode, validation_volumes
-from pipelines.segment import add_device_arguments
+from pipelines.options import add_device_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from anofpdm_monai.bundled import bundled_model_dir
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, merge_results
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from data_prep.phantom import generate_cohort
-from pipelines.segment import add_device_arguments
+from pipelines.options import add_device_arguments
 
 DEMO_SEED = 2026  # the bundled model was trained on seed 1 and benchmarked on seed 2
 DEMO_METHODS = ("anofpdm-ddim", "threshold")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.evaluation import (
     ALL_METHODS,
     Cohort,
@@ -24,7 +25,7 @@ from anofpdm_monai.evaluation import (
 )
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
-from pipelines.segment import add_device_arguments, add_max_voxels_argument, resolve_model
+from pipelines.options import add_device_arguments, add_max_voxels_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     num_parts, part_id = (world, rank) if world > 1 else (args.num_parts, args.part_id)
     if not 0 <= part_id < num_parts:
         raise ValueError(f"--part-id {part_id} must lie in [0, --num-parts {num_parts})")
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model_dir(args.model)
     methods = supported_methods(model_dir) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     results = Path(args.output)
     try:

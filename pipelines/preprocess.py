@@ -17,9 +17,9 @@ from tqdm import tqdm
 from anofpdm_monai.config import PreprocessConfig, check_register_to
 from anofpdm_monai.data import assign_splits, case_done, write_case, write_manifest, write_settings
 from anofpdm_monai.io import InputError, atomic_save_dataframe
+from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
 from anofpdm_monai.transforms import preprocess_with
-from data_prep.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
-from pipelines.segment import add_max_voxels_argument
+from pipelines.options import add_max_voxels_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, VolumeInferer
-from anofpdm_monai.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, InputError
-from anofpdm_monai.networks import PRECISIONS
-from data_prep.readers import CaseRecord, records_for_inference
+from anofpdm_monai.io import InputError
+from anofpdm_monai.readers import CaseRecord, records_for_inference
+from pipelines.options import add_device_arguments, add_max_voxels_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,34 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_max_voxels_argument(parser)
 
 
-def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
-    """``--max-voxels``: the largest volume a NIfTI header may claim before any voxel is read."""
-    parser.add_argument(
-        "--max-voxels", type=int, default=None, metavar="N",
-        help=f"refuse volumes whose header claims more voxels than this, before reading them "
-             f"(default {DEFAULT_MAX_VOXELS} = 2 GiB as float32, or ${MAX_VOXELS_ENV})",
-    )  # fmt: skip
-
-
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--precision``, shared by every verb that runs the network for inference."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
-    parser.add_argument(
-        "--threads", type=int, default=None, metavar="N",
-        help="CPU compute threads (default: torch's, capped at the CPUs this process may use: affinity and cgroup quota)",
-    )  # fmt: skip
-
-
-def resolve_model(model: str) -> Path:
-    """``bundled`` names the model shipped inside the package."""
-    if model == "bundled":
-        from anofpdm_monai.bundled import bundled_model_dir
-
-        return bundled_model_dir()
-    return Path(model)
-
-
 def model_order(record: CaseRecord, names: tuple[str, ...]) -> list[Path]:
     """The case's channel files in the model's channel order when they carry its channel names (e.g. a manifest's
     columns in another order); else in the order given."""
@@ -71,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     records = records_for_inference(args.input)
     out_dir = Path(args.output)
     inferer = VolumeInferer(
-        resolve_model(args.model),
+        resolve_model_dir(args.model),
         method=args.method,
         steps=args.steps,
         stride=args.stride,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.training import TrainSettings, train
-from pipelines.segment import resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         max_train_timestep=args.max_train_timestep,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        init_from=None if args.init_from is None else resolve_model(args.init_from),
+        init_from=None if args.init_from is None else resolve_model_dir(args.init_from),
         device=args.device,
         seed=args.seed,
     )

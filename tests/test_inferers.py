@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_segment import AFFINES, make_model, use_oracle, write_case
 
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, load_case_results
 from anofpdm_monai.inferers import VolumeInferer, slice_seeds
-from test_segment import AFFINES, make_model, use_oracle, write_case
 
 VOLUME_SECTION = dict(map_filter=3, pixel_quantile=0.99, pixel_threshold=1e-4, min_lesion_mm3=20.0, health="dmax",
                       smooth_slices=True, health_threshold=1e-4, accuracy=0.9, mask_accuracy=0.9)  # fmt: skip

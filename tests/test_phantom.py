@@ -3,8 +3,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
+from anofpdm_monai.readers import read_atlas, read_brats
 from data_prep.phantom import BRATS_SHAPE, PhantomCase, generate_cohort
-from data_prep.readers import read_atlas, read_brats
 
 
 def test_brats_layout_names_shapes_spacing_labels(brats_cohort):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anofpdm_monai.io import InputError
-from data_prep.readers import (
+from anofpdm_monai.readers import (
     DEFAULT_MAP_CHANNELS,
     detect_layout,
     read_atlas,

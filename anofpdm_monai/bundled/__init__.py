@@ -16,3 +16,8 @@ def bundled_model_dir() -> Path:
     if not (path / "model.pt").is_file():
         raise FileNotFoundError(f"{path}: the bundled model is missing from this installation; reinstall anofpdm_monai")
     return path
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A model folder from a path, or ``"bundled"`` for the model shipped inside the package."""
+    return bundled_model_dir() if str(model) == "bundled" else Path(model)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from anofpdm_monai.io import InputError
-from data_prep.readers import read_atlas, read_brats, read_manifest, read_nnunet, records_for_inference
+from anofpdm_monai.readers import read_atlas, read_brats, read_nnunet, records_for_inference
 
 from . import volumes as V
 

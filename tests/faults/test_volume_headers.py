@@ -128,7 +128,7 @@ def test_symlink_loop_and_broken_symlink(tmp_path):
     broken.symlink_to(tmp_path / "gone.nii.gz")
     with pytest.raises(InputError, match=r"broken\.nii\.gz: broken symlink to .*gone\.nii\.gz"):
         load_nifti(broken)
-    from data_prep.readers import records_for_inference
+    from anofpdm_monai.readers import records_for_inference
 
     with pytest.raises(InputError, match=r"symlink loop"):
         records_for_inference([loop])

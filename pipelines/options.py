@@ -1,0 +1,27 @@
+"""Command-line options shared by several verbs (each verb module imports from here, never from another verb)."""
+
+from __future__ import annotations
+
+import argparse
+
+from anofpdm_monai.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV
+from anofpdm_monai.networks import PRECISIONS
+
+
+def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-voxels``: the largest volume a NIfTI header may claim before any voxel is read."""
+    parser.add_argument(
+        "--max-voxels", type=int, default=None, metavar="N",
+        help=f"refuse volumes whose header claims more voxels than this, before reading them "
+             f"(default {DEFAULT_MAX_VOXELS} = 2 GiB as float32, or ${MAX_VOXELS_ENV})",
+    )  # fmt: skip
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--precision``, shared by every verb that runs the network for inference."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU compute threads (default: torch's, capped at the CPUs this process may use: affinity and cgroup quota)",
+    )  # fmt: skip
