@@ -68,3 +68,14 @@ def test_segment_and_evaluate_give_the_same_mask(model, case, method, monkeypatc
     assert segmented.slices.masks.any()
     assert np.array_equal(arrays[f"{method}/mixed_masks"], segmented.slices.masks.numpy())
     np.testing.assert_allclose(arrays[f"{method}/maps"], segmented.slices.maps.numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_calibration_without_the_volume_section_runs_the_paper_family_and_says_to_recalibrate(tmp_path):
+    from anofpdm_monai.evaluation import supported_methods
+    from anofpdm_monai.io import InputError
+
+    folder = make_model(tmp_path / "old")  # a calibration.json as written before the volume family existed
+    VolumeInferer(folder, method="anofpdm-ddim", device="cpu")
+    with pytest.raises(InputError, match="recalibrate"):
+        VolumeInferer(folder, method="anofpdm-ddim-volume", device="cpu")
+    assert "anofpdm-ddim-volume" not in supported_methods(folder) and "anofpdm-ddim" in supported_methods(folder)
