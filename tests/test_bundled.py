@@ -34,6 +34,8 @@ def test_bundled_model_loads_and_matches_its_config_and_calibration():
         assert calibration.w in calibration.w_grid
         assert 1 <= calibration.stride and calibration.steps <= config.diffusion.num_train_timesteps
         assert calibration.steps in calibration.steps_grid or not calibration.steps_grid
+        assert calibration.volume is not None, "the bundled calibrations carry the volume family"
+    assert config.preprocess.crop_foreground, "the bundled model was trained on the brain-cropped chain"
     s = config.network.image_size
     x = torch.zeros(2, config.network.in_channels, s, s)
     out = network(x, timesteps=torch.tensor([0, 599]), class_labels=torch.tensor([0, 2]))
