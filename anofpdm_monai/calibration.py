@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -148,13 +147,10 @@ class Calibration:
             raise FileNotFoundError(
                 f"{path}: no calibration; run `anofpdm calibrate -m MODEL_DIR -d PREP` to create it"
             )
-        from anofpdm_monai.io import InputError
+        from anofpdm_monai.io import InputError, read_json
 
         fix = "rerun `anofpdm calibrate -m MODEL_DIR -d PREP` to recreate it"
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: not a valid anofpdm calibration: not valid JSON ({err}); {fix}") from err
+        data = read_json(path, f"not a valid anofpdm calibration; {fix}")
         if not isinstance(data, dict):
             raise InputError(f"{path}: not a valid anofpdm calibration: holds a {type(data).__name__}, not an object; {fix}")
         known = {f.name for f in dataclasses.fields(cls)}

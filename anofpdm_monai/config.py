@@ -9,7 +9,6 @@ dataset.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,12 +228,9 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no model config; a model folder holds config.json beside model.pt")
-        from anofpdm_monai.io import InputError
+        from anofpdm_monai.io import InputError, read_json
 
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: not valid JSON ({err}); not a valid anofpdm model config: use the config.json saved with these weights") from err
+        data = read_json(path, "not a valid anofpdm model config: use the config.json saved with these weights")
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as err:

@@ -167,6 +167,14 @@ def json_text(value: Any, indent: int | None = 2) -> str:
     return json.dumps(strict_json(value), indent=indent, allow_nan=False) + "\n"
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """Parse a JSON file a user gave; an InputError naming the file and ``fix`` when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err}); {fix}") from err
+
+
 def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> Path:
     """Write ``value`` as strict JSON, atomically."""
     return atomic_write_text(path, json_text(value, indent))

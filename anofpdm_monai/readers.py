@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from anofpdm_monai.io import InputError, check_case_id, missing_file_reason
+from anofpdm_monai.io import InputError, check_case_id, missing_file_reason, read_json
 
 BRATS_CHANNELS = ("flair", "t1", "t1ce", "t2")
 BRATS_MAP_CHANNELS = ("flair", "t2")
@@ -262,10 +261,7 @@ def _nnunet_dataset_json(root: Path) -> tuple[Path, tuple[str, ...]] | None:
         if not candidate.is_file():
             continue
         fix = 'nnU-Net\'s dataset.json maps each channel index, from "0", to its name: {"0": "FLAIR", "1": "T1", ...}'
-        try:
-            meta = json.loads(candidate.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{candidate}: not valid JSON ({err}); fix the file, or remove it to name channels ch0000, ...") from err
+        meta = read_json(candidate, "fix the file, or remove it to name channels ch0000, ...")
         if not isinstance(meta, dict):
             raise InputError(f"{candidate}: holds a {type(meta).__name__}, not an object; {fix}")
         key = "channel_names" if meta.get("channel_names") else "modality"
