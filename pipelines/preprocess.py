@@ -135,8 +135,7 @@ def _check_same_settings(store: Path, config: PreprocessConfig) -> None:
         return
     now = json.loads(json.dumps(asdict(config)))
     before = {**json.loads(json.dumps(asdict(PreprocessConfig()))), **before}  # a key added later: its old meaning
-    changed = sorted(k for k in ("crop_foreground", "crop_margin_mm") if before[k] != now[k])
-    changed += sorted(k for k in now if k in before and before[k] != now[k] and k not in changed)
+    changed = sorted(k for k in now if before[k] != now[k])
     if changed:
         detail = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise InputError(
