@@ -1,7 +1,9 @@
 """Baselines on the same model and data: intensity thresholding and DDIB-style reconstruction.
 
 * :func:`best_threshold_dice`: the oracle intensity threshold, the cut on pixel
-  intensity that maximises pooled (whole-cohort) DICE. It sees pixel labels.
+  intensity that maximises pooled (whole-cohort) DICE. It sees pixel labels;
+  :func:`lesion_polarity` gives its direction from the sequence (FLAIR/T2 above
+  the cut, T1w below).
 * :func:`ddib_reconstruction`: the classifier-free "DDIM + classifier-free
   guidance" reconstruction baseline of the paper's Table 1: deterministic
   unguided DDIM inversion of x0 to a depth, then healthy-guided DDIM decoding,
@@ -25,6 +27,22 @@ from anofpdm_monai.guidance import EpsPredictor, guided_eps, predict_cond_and_nu
 from anofpdm_monai.networks import HEALTHY, NULL
 
 Direction = Literal["high", "low", "best"]
+
+# How a lesion departs from normal brain on each sequence (channel names as the readers give them):
+# brighter on FLAIR and T2 (oedema, tumour, MS plaques), darker on T1w (stroke cavities, necrosis, MS
+# "black holes"). T1ce has none: enhancing rims are bright, necrotic cores dark.
+LESION_POLARITY: dict[str, Direction] = {"flair": "high", "t2": "high", "t1": "low", "t1w": "low"}
+
+
+def lesion_polarity(channels: Sequence[str]) -> Direction:
+    """Direction of the oracle threshold on the mean of ``channels`` (map channel names), from the sequences.
+
+    "high" or "low" when every channel has a known polarity (:data:`LESION_POLARITY`) and they agree;
+    otherwise "best" (both directions are tried and the labels pick one), e.g. for nnU-Net channels
+    named by number.
+    """
+    found = {LESION_POLARITY.get(str(c).lower()) for c in channels}
+    return found.pop() if len(found) == 1 and None not in found else "best"
 
 
 # ---------------------------------------------------------------------------

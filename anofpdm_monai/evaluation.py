@@ -21,7 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
+from anofpdm_monai.baselines import (
+    apply_threshold,
+    best_threshold_dice,
+    ddib_reconstruction,
+    lesion_polarity,
+    tune_pixel_threshold,
+)
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.inferers import (
     ANOFPDM_METHODS,
@@ -171,6 +177,8 @@ class CohortEvaluator:
         base = inferer.slice_inferer
         self.predict_eps, self.alphas_cumprod = base.predict_eps, base.alphas_cumprod
         self.map_channels = base.calibration.map_channel_indices
+        names = inferer.config.preprocess.channel_names
+        self.polarity = lesion_polarity([names[i] for i in self.map_channels])  # the oracle threshold's direction
         self.slice_inferers = {}
         for encoding in sorted({ANOFPDM_METHODS[m][0] for m in self.methods if m in ANOFPDM_METHODS}):
             variants = [ANOFPDM_METHODS[m][1] for m in self.methods if m in ANOFPDM_METHODS and ANOFPDM_METHODS[m][0] == encoding]
@@ -210,7 +218,7 @@ class CohortEvaluator:
             "intensity": case.images[:, list(self.map_channels)].mean(dim=1).numpy().astype(np.float32),
             "slice_indices": case.slice_indices,
         }
-        facts: dict[str, dict] = {}
+        facts: dict[str, dict] = {"threshold": {"direction": self.polarity}} if "threshold" in self.methods else {}
         for encoding, inferer in self.slice_inferers.items():
             start = time.perf_counter()
             outputs = inferer(case.images, case.case_id, case.slice_indices, case.voxel_mm)
@@ -289,7 +297,7 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
         fg = np.concatenate([a["foreground"].ravel() for a, _ in loaded.values()])
         values = np.concatenate([a["intensity"].ravel() for a, _ in loaded.values()])[fg]
         truth = np.concatenate([a["truth"].ravel() for a, _ in loaded.values()])[fg]
-        oracle = best_threshold_dice(values, truth, direction="best") if truth.any() else None
+        oracle = best_threshold_dice(values, truth, direction=threshold_direction(loaded)) if truth.any() else None
         if oracle is None:  # no lesion voxel: the row is kept, empty, with the reason (see undefined_reasons)
             methods.remove("threshold")
     slice_rows, case_rows = [], []
@@ -350,6 +358,13 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
     atomic_write_json(results_dir / "summary.json", rows)
     atomic_write_text(results_dir / "summary.md", summary_markdown(rows) + undefined_note(rows))
     return rows
+
+
+def threshold_direction(loaded: dict[str, tuple[dict, dict]]) -> str:
+    """The oracle threshold's direction the evaluator recorded from the map channels' sequences (see
+    :func:`~anofpdm_monai.baselines.lesion_polarity`); "best" for case files that record none or disagree."""
+    found = {facts.get("threshold", {}).get("direction", "best") for _, facts in loaded.values()}
+    return found.pop() if len(found) == 1 and found <= {"high", "low", "best"} else "best"
 
 
 # Why a summary metric can be undefined (written as null in summary.json).

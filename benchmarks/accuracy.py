@@ -1,19 +1,23 @@
 """Accuracy on a phantom test cohort of patients unseen in training: every method, Table-1 form, per lesion kind.
 
-Generates a phantom test cohort (seed 2 by default; the bundled model was trained on seed 1) and,
-with ddib, a validation cohort (seed 4, same layout and lesion mix) for its pixel-label threshold,
+Generates a phantom test cohort (seed 2 for brats, 12 for atlas by default; the bundled models were
+trained on seeds 1 and 11) and, with ddib, a validation cohort (seed 4, same layout and lesion mix)
+for its pixel-label threshold,
 preprocesses both with the model's settings and runs ``anofpdm evaluate`` on whole volumes (the
 ``-volume`` methods decide in 3-D). From its results folder, the phantom's lesion metadata and the
 store's case geometry it then breaks every method down:
 
 * per lesion kind (the case's kind, lesion slices only): unhealthy DICE, pooled AUPRC over the brain
-  pixels and health recall, beside the oracle intensity threshold tuned on that kind (an upper bound);
+  pixels and health recall, beside the oracle intensity threshold tuned on that kind (an upper bound;
+  its direction, like evaluate's, follows the map channels' sequence: lesions above the cut on
+  FLAIR/T2, below it on T1w);
 * per slice lesion size (lesion pixels at S, with the mm^2 they cover): unhealthy DICE and the
   fraction of lesion slices left with an empty mask;
 * per 3-D lesion volume (26-connected truth components over consecutive slices, mm^3): the fraction
   of lesions the mixed mask touches, and false-positive components per case.
 
     python benchmarks/accuracy.py --cases 20
+    python benchmarks/accuracy.py --layout atlas --model bundled-atlas --cases 20
     python benchmarks/accuracy.py --cases 4 --max-slices 40 --methods anofpdm-ddim,threshold
 """
 
@@ -34,7 +38,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_json  # noqa: E402
 
-from anofpdm_monai.baselines import apply_threshold, best_threshold_dice  # noqa: E402
+from anofpdm_monai.baselines import Direction, apply_threshold, best_threshold_dice, lesion_polarity  # noqa: E402
 from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.config import ModelConfig  # noqa: E402
 from anofpdm_monai.evaluation import BASELINES, load_case_results  # noqa: E402
@@ -52,6 +56,8 @@ VOLUME_BINS = {"<100": (0, 100), "100-1000": (100, 1000), "1000-10000": (1000, 1
 
 CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 ORACLE_ROW = "oracle threshold (per kind)"
+TEST_SEEDS = {"brats": 2, "atlas": 12}
+"""Default test cohort seed per layout: no training cohort uses it (docs/bundled_model.md)."""
 
 
 def model_methods(model: Path) -> list[str]:
@@ -134,13 +140,14 @@ def health_recall(pred_label: pd.Series) -> float:
     return float((pred_label == UNHEALTHY).mean()) if pred_label.notna().any() else float("nan")
 
 
-def kind_table(evaluated: Evaluated, methods: list[str], kinds: tuple[str, ...]) -> dict:
+def kind_table(evaluated: Evaluated, methods: list[str], kinds: tuple[str, ...], direction: Direction) -> dict:
     """Per lesion kind, over the lesion slices of that kind's cases: DICE, AUPRC, health recall, oracle threshold.
 
     DICE is the unhealthy-setup DICE averaged over the slices; AUPRC pools the brain pixels of those
     slices (maps vs truth); recall is the fraction of them classified unhealthy. The extra row
-    :data:`ORACLE_ROW` is the intensity threshold tuned on each kind's own slices (best pooled DICE,
-    either direction): an upper bound for ``threshold``, whose row uses evaluate's single cohort-wide cut.
+    :data:`ORACLE_ROW` is the intensity threshold tuned on each kind's own slices (best pooled DICE in
+    ``direction``, see :func:`lesion_polarity`): an upper bound for ``threshold``, whose row uses
+    evaluate's single cohort-wide cut.
     """
     lesion = evaluated.slices[(evaluated.slices["label"] == UNHEALTHY) & evaluated.slices["method"].isin(methods)]
     table = {"dice": {}, "auprc": {}, "recall": {}}
@@ -160,7 +167,7 @@ def kind_table(evaluated: Evaluated, methods: list[str], kinds: tuple[str, ...])
             pooled[method, kind].update(maps[keep], truth[keep], fg[keep])
     for method in methods:
         table["auprc"][method] = {k: pooled[method, k].compute() for k in kinds if (method, k) in pooled}
-    table["oracle"] = {k: kind_oracle(*map(np.concatenate, zip(*pixels[k]))) for k in kinds if pixels[k]}
+    table["oracle"] = {k: kind_oracle(*map(np.concatenate, zip(*pixels[k])), direction) for k in kinds if pixels[k]}
     for metric in ("dice", "auprc"):
         table[metric][ORACLE_ROW] = {k: o[metric] for k, o in table["oracle"].items()}
     per_slice = lesion.drop_duplicates(["case", "slice"])
@@ -168,9 +175,9 @@ def kind_table(evaluated: Evaluated, methods: list[str], kinds: tuple[str, ...])
     return table
 
 
-def kind_oracle(intensity: np.ndarray, truth: np.ndarray, fg: np.ndarray) -> dict:
-    """The intensity threshold tuned on these slices' brain pixels, and the DICE / AUPRC it reaches on them."""
-    best = best_threshold_dice(intensity[fg], truth[fg], direction="best")
+def kind_oracle(intensity: np.ndarray, truth: np.ndarray, fg: np.ndarray, direction: Direction) -> dict:
+    """The intensity threshold (``direction``) tuned on these slices' brain pixels, and the DICE / AUPRC it reaches."""
+    best = best_threshold_dice(intensity[fg], truth[fg], direction=direction)
     oracle = {"threshold": best.threshold, "direction": best.direction}
     maps, masks, _ = method_outputs({"intensity": intensity, "foreground": fg}, "threshold", oracle)
     auprc = PooledAUPRC()
@@ -266,11 +273,11 @@ def tables_markdown(by_kind: dict, by_size: dict, detection: dict, kinds: tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--model", default=None, help="model folder or bundled name (default: the layout's bundled model)")
     parser.add_argument("--layout", choices=["brats", "atlas"], default="brats")
     parser.add_argument("--lesions", default=None, help="comma list of lesion kinds (default: the layout's mix)")
     parser.add_argument("--cases", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=2, help="test cohort seed (never a training seed)")
+    parser.add_argument("--seed", type=int, default=None, help=f"test cohort seed, never a training seed (default: {TEST_SEEDS})")
     parser.add_argument("--max-slices", type=int, default=0, help="seeded slice subset (0: whole volumes, which "
                         "the -volume methods need for their 3-D decisions)")  # fmt: skip
     parser.add_argument("--methods", default=None, help="comma list (default: every method the model supports)")
@@ -278,12 +285,17 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/anofpdm_accuracy")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward process (8: the fastest per slice on 2 CPU cores)")
     parser.add_argument("--ddib-depth", type=int, default=300, help="encoding depth of the ddib baseline")
-    parser.add_argument("--out", default="benchmarks/results/accuracy.json")
+    parser.add_argument("--out", default=None, help="JSON (default: benchmarks/results/accuracy.json, accuracy_atlas.json)")
     args = parser.parse_args()
+    layout_defaults = {"brats": ("bundled", "accuracy.json"), "atlas": ("bundled-atlas", "accuracy_atlas.json")}
+    args.model = args.model or layout_defaults[args.layout][0]
+    args.out = args.out or f"benchmarks/results/{layout_defaults[args.layout][1]}"
+    args.seed = TEST_SEEDS[args.layout] if args.seed is None else args.seed  # recorded in the JSON's args
     model = resolve_model_dir(args.model)
     methods = args.methods.split(",") if args.methods else model_methods(model)
     kinds = parse_lesions(args.layout, args.lesions)
-    size = ModelConfig.load(model / "config.json").network.image_size
+    config = ModelConfig.load(model / "config.json")
+    size, direction = config.network.image_size, lesion_polarity(config.preprocess.map_channels)
     work = Path(args.work)
     raw, test = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size, healthy=0.2)
     cohort_kinds, missing = check_kinds(raw, kinds, "test")
@@ -302,7 +314,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     evaluated = Evaluated(results, raw, test)
     methods = [m for m in methods if m in evaluated.summary]
-    by_kind = kind_table(evaluated, methods, kinds)
+    by_kind = kind_table(evaluated, methods, kinds, direction)
     by_size = size_table(evaluated, methods)
     detection = detection_table(evaluated, methods)
     tables = tables_markdown(by_kind, by_size, detection, kinds, evaluated.oracle)

@@ -1,4 +1,8 @@
-"""``anofpdm demo``: phantom patients never seen in training, segmented with the bundled model, evaluated."""
+"""``anofpdm demo``: phantom patients never seen in training, segmented with a bundled model, evaluated.
+
+``--layout brats`` (default) uses ``bundled`` on BraTS-layout patients; ``--layout atlas`` uses
+``bundled-atlas`` on ATLAS v2.0-layout patients (T1w, stroke lesions).
+"""
 
 from __future__ import annotations
 
@@ -11,36 +15,56 @@ from tqdm import tqdm
 from anofpdm_monai.bundled import bundled_model_dir
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, merge_results, supported_methods
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
+from anofpdm_monai.io import InputError
 from data_prep.phantom import generate_cohort
 from pipelines.options import add_device_arguments
 
-DEMO_SEED = 2026  # the bundled model was trained on seed 1 and benchmarked on seed 2
+DEMO_SEED = 2026  # the bundled models were trained on seeds 1 (brats) and 11 (atlas), benchmarked on 2 and 12
 DEMO_METHODS = ("anofpdm-ddim-volume", "anofpdm-ddim", "threshold")  # the first one's masks are written
+# layout -> (bundled model, default patients). One whole volume costs about 0.37 s per slice per 30 network
+# calls on 2 CPU cores (docs/benchmarks.md), ~135 brain slices in either layout; an ATLAS calibration over
+# w up to 30 may keep the largest budget (N = 600: 60 calls per slice at k = 10, ~100 s per volume), so the
+# ATLAS demo segments two patients to stay within 5 minutes whatever N its calibration chose.
+DEMO_LAYOUTS = {"brats": ("bundled", 3), "atlas": ("bundled-atlas", 2)}
+POLARITY_WORDS = {"high": "lesions brighter", "low": "lesions darker", "best": "either direction"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="anofpdm_demo", help="folder for the demo's files")
-    parser.add_argument("--cases", type=int, default=3, help="phantom patients to generate and segment")
+    parser.add_argument("--layout", choices=list(DEMO_LAYOUTS), default="brats",
+                        help="brats: -m bundled on BraTS-layout patients; atlas: -m bundled-atlas on ATLAS v2.0-layout (T1w) ones")
+    parser.add_argument("--cases", type=int, default=None, help="phantom patients to generate and segment (default: brats 3, atlas 2)")
     add_device_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
 
 
 def run(args: argparse.Namespace) -> int:
+    name, default_cases = DEMO_LAYOUTS[args.layout]
+    cases = default_cases if args.cases is None else args.cases
+    if cases < 1:
+        raise InputError(f"--cases {cases}: give at least 1 patient")
+    return run_demo(Path(args.output), args.layout, cases, bundled_model_dir(name), device=args.device,
+                    precision=args.precision, batch_size=args.batch_size)  # fmt: skip
+
+
+def run_demo(out: Path, layout: str, cases: int, model_dir: Path, *, device: str = "auto", precision: str = "auto",
+             batch_size: int = DEFAULT_BATCH_SIZE) -> int:  # fmt: skip
+    """Generate ``cases`` fresh ``layout`` phantom patients under ``out``, segment and evaluate them with ``model_dir``."""
     start = time.perf_counter()
-    out = Path(args.output)
     raw, segmentations, evaluation = out / "phantom", out / "segmentations", out / "evaluation"
-    print(f"1/3 generating {args.cases} phantom BraTS-layout patients (seed {DEMO_SEED}) in {raw}")
-    generate_cohort(raw, "brats", args.cases, healthy_fraction=0.0, seed=DEMO_SEED)
-    model_dir = bundled_model_dir()
+    print(f"1/3 generating {cases} phantom {layout.upper()}-layout patients (seed {DEMO_SEED}) in {raw}")
+    generate_cohort(raw, layout, cases, healthy_fraction=0.0, seed=DEMO_SEED)
     methods = [m for m in DEMO_METHODS if m in supported_methods(model_dir)]
-    print(f"2/3 segmenting them with the bundled model {model_dir.name} ({', '.join(methods[:-1])}: both families, "
+    print(f"2/3 segmenting them with the model {model_dir.name} ({', '.join(methods[:-1])}: both families, "
           "one forward process, calibrated fast mode)")
-    inferer = VolumeInferer(model_dir, batch_size=args.batch_size, device=args.device, precision=args.precision)
+    inferer = VolumeInferer(model_dir, batch_size=batch_size, device=device, precision=precision)
     cohort = Cohort(raw, inferer)
-    evaluator = CohortEvaluator(inferer, methods, evaluation, batch_size=args.batch_size, outputs_dir=segmentations)
+    evaluator = CohortEvaluator(inferer, methods, evaluation, batch_size=batch_size, outputs_dir=segmentations)
     for case_id in tqdm(cohort.case_ids, desc="segment + evaluate", unit="case"):
         evaluator.evaluate_case(cohort.load(case_id))
-    print("3/3 Table-1-style summary (threshold = oracle intensity threshold on FLAIR+T2, an upper bound that uses pixel labels)")
+    channels = "+".join(c.upper() for c in inferer.config.preprocess.map_channels)
+    print(f"3/3 Table-1-style summary (threshold = oracle intensity threshold on {channels}, "
+          f"{POLARITY_WORDS[evaluator.polarity]}: an upper bound that uses pixel labels)")
     merge_results(evaluation, cohort.case_ids, methods)
     print((evaluation / "summary.md").read_text())
     print(f"{methods[0]} masks and anomaly maps (NIfTI, on each input's grid) and PNG overlays: {segmentations}")

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, ddib_reconstruction, tune_pixel_threshold
+from anofpdm_monai.baselines import (
+    apply_threshold,
+    best_threshold_dice,
+    ddib_reconstruction,
+    lesion_polarity,
+    tune_pixel_threshold,
+)
 from anofpdm_monai.networks import HEALTHY, NULL
 
 
@@ -114,3 +120,10 @@ def test_ddib_argument_checks():
         ddib_reconstruction(None, x0, abar, depth=5, w=1.0, stride=0, map_channels=[0])
     with pytest.raises(ValueError):
         ddib_reconstruction(None, x0, abar, depth=5, w=1.0, stride=1, map_channels=[2])
+
+
+def test_lesion_polarity_follows_the_sequences():
+    assert lesion_polarity(["flair", "t2"]) == "high"  # BraTS map channels: lesions brighter
+    assert lesion_polarity(["t1"]) == lesion_polarity(["T1w"]) == "low"  # ATLAS T1w: stroke cavities darker
+    assert lesion_polarity(["flair", "t1"]) == "best"  # disagreeing sequences: both directions are tried
+    assert lesion_polarity(["0000"]) == lesion_polarity(["t1ce"]) == lesion_polarity([]) == "best"  # unknown

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anofpdm_monai.baselines import tune_pixel_threshold
+from anofpdm_monai.baselines import best_threshold_dice, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.evaluation import CohortEvaluator, merge_results
 from anofpdm_monai.inferers import VolumeInferer
@@ -283,6 +283,21 @@ def test_merge_results_matches_hand_computed_metrics(hand_results):
     assert summary["anofpdm-ddim"]["case_dice_3d"] == pytest.approx(0.25)
     md = (results / "summary.md").read_text()
     assert "| anofpdm-ddim | 50.0 | 44.4 |" in md and "| threshold † | 66.7 | 66.7 |" in md
+
+
+def test_merge_results_thresholds_in_the_direction_the_evaluator_recorded(hand_results):
+    """A T1w model records "low" (lesions darker): the oracle cuts from below even where "high" scores better."""
+    results, a = hand_results
+    for path in (results / "cases").glob("*.npz"):
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files if k != "facts"}
+            facts = json.loads(str(data["facts"]))
+        write_case_npz(results, path.stem, arrays, {**facts, "threshold": {"direction": "low"}})
+    oracle = merge_results(results, ["A", "B"], ["threshold"])["threshold"]
+    assert oracle["oracle_direction"] == "low"  # "best" would pick "high" (DICE 6/7), as the test above shows
+    fg, truth = a["fg"], a["truth"]
+    low = best_threshold_dice(a["intensity"][fg], truth[fg], direction="low")
+    assert oracle["oracle_threshold"] == pytest.approx(low.threshold) and low.dice < 6 / 7
 
 
 def test_hand_made_case_files_have_the_evaluators_format(hand_results, test_split_run):
