@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from anofpdm_monai.forward_process import INVERSIONS, run_forward_process, visited_timesteps
 from anofpdm_monai.guidance import EpsPredictor
-from anofpdm_monai.io import atomic_write_bytes, json_text
+from anofpdm_monai.io import InputError, atomic_write_bytes, json_text
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.segmentation import health_similarity
 
@@ -258,9 +258,10 @@ def _check_both_classes(n_healthy: int, n_unhealthy: int) -> None:
     """Raise a ValueError naming the missing class of validation slices."""
     missing = [name for name, n in (("healthy", n_healthy), ("unhealthy", n_unhealthy)) if n == 0]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"the validation set has no {' and no '.join(missing)} slices; calibration needs both classes "
-            "(use a larger --n-val)"
+            "(give more validation slices, n_val)",
+            arguments="n_val",
         )
 
 

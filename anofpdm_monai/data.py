@@ -62,20 +62,23 @@ def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[
     atomic_write_text(store / "cases" / f"{patient}.json", json_text(meta, indent=None))
 
 
-def assign_splits(patients: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Seeded patient-level split: every slice of a patient lands in the same split."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"--split {fractions} must be three non-negative fractions summing to 1 (train,val,test)")
+def assign_splits(patients: list[str], split: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """Seeded patient-level split: every slice of a patient lands in the same split.
+
+    Args:
+        patients: the patient ids.
+        split: the (train, val, test) fractions of the patients, summing to 1.
+        seed: seed of the permutation.
+    """
+    if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
+        raise InputError(f"split={split}: give three non-negative fractions (train, val, test) summing to 1", arguments="split")
     order = np.random.default_rng(seed).permutation(sorted(patients))
     n = len(order)
-    n_train = int(round(fractions[0] * n))
-    n_val = int(round(fractions[1] * n))
-    if fractions[1] > 0 and n_val == 0 and n - n_train > 1:
+    n_train = int(round(split[0] * n))
+    n_val = int(round(split[1] * n))
+    if split[1] > 0 and n_val == 0 and n - n_train > 1:
         n_val = 1
-    split = {}
-    for i, patient in enumerate(order):
-        split[str(patient)] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
-    return split
+    return {str(patient): "train" if i < n_train else ("val" if i < n_train + n_val else "test") for i, patient in enumerate(order)}
 
 
 def write_manifest(store: Path, split_of: dict[str, str]) -> pd.DataFrame:
@@ -164,7 +167,7 @@ class PreprocessedStore:
         """
         rows = self.rows(split)
         if rows.empty:
-            raise InputError(f"{self.root}: the '{split}' split holds no slices, needed {purpose}; preprocess with a --split that gives {split} patients")
+            raise InputError(f"{self.root}: the '{split}' split holds no slices, needed {purpose}; preprocess again with split fractions that give {split} patients")
         if len(rows) > max_rows:
             rows = rows.sample(n=max_rows, random_state=seed).sort_index()
         return rows
@@ -190,7 +193,7 @@ class SliceDataset(Dataset):
         self.store = store
         self.rows = store.rows(split).reset_index(drop=True)
         if self.rows.empty:
-            raise InputError(f"{store.root}: the '{split}' split holds no slices; preprocess more cases or change --split")
+            raise InputError(f"{store.root}: the '{split}' split holds no slices; preprocess more cases or with other split fractions")
         self.patients = self.rows["patient"].to_numpy()
         self.row_in_patient = self.rows["row"].to_numpy()
         self.labels = self.rows["label"].to_numpy()

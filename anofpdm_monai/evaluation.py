@@ -107,7 +107,7 @@ class Cohort:
                 )
             rows = self.store.rows(split)
             if rows.empty:
-                raise InputError(f"{self.source}: the '{split}' split is empty; choose --split train|val|test")
+                raise InputError(f"{self.source}: split={split!r} holds no slices of this store; choose 'train', 'val' or 'test'", arguments="split")
             self.case_ids = sorted(rows["patient"].unique().tolist())
             self.rows = rows
         else:
@@ -168,7 +168,7 @@ class CohortEvaluator:
     ) -> None:
         unknown = [m for m in methods if m not in ALL_METHODS]
         if unknown:
-            raise ValueError(f"--methods: unknown {unknown}; choose from {list(ALL_METHODS)}")
+            raise InputError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}", arguments="methods")
         self.inferer = inferer
         self.methods = list(methods)
         self.results_dir = Path(results_dir)
@@ -417,7 +417,7 @@ def undefined_note(rows: dict[str, dict]) -> str:
 
 def tune_ddib_threshold(evaluator: CohortEvaluator, store: PreprocessedStore, max_slices: int, seed: int) -> float:
     """The ``ddib`` baseline's map threshold, tuned on validation slices WITH pixel labels (as such methods are)."""
-    rows = store.sample_rows("val", max_slices, seed, "to tune the ddib threshold (or drop ddib from --methods)")
+    rows = store.sample_rows("val", max_slices, seed, "to tune the ddib threshold (or evaluate without ddib)")
     images, masks, _ = store.load_slices(rows)
     maps, _ = evaluator.ddib_maps(images)
     return tune_pixel_threshold(maps, masks, brain_foreground(images))

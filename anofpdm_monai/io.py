@@ -15,7 +15,7 @@ import re
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,33 @@ import torch
 
 
 class InputError(ValueError):
-    """A problem with a user's file, phrased as one line: the file, what is wrong, how to fix it."""
+    """A problem with a user's file or argument, phrased as one line: what is wrong and how to fix it.
+
+    A message about an argument names it as the Python parameter (``batch_size=0: must be at least 1``) and
+    lists it in ``arguments``; a front end that spells arguments its own way (the CLI: ``--batch-size``)
+    shows :meth:`renamed` instead of ``str(err)``.
+
+    Args:
+        message: the one line; each name in ``arguments`` appears in it as a whole word.
+        arguments: the parameter name, or names, the message refers to.
+    """
+
+    def __init__(self, message: str, *, arguments: str | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.arguments = (arguments,) if isinstance(arguments, str) else tuple(arguments)
+
+    def renamed(self, names: Mapping[str, str]) -> str:
+        """The message with each of :attr:`arguments` spelled as ``names`` gives it (``{"batch_size": "--batch-size"}``).
+
+        Only whole words are replaced, never part of a path or of a longer name (``n_val`` in ``n_val_healthy``,
+        ``split`` in ``/data/split``); an argument ``names`` lacks keeps its Python name.
+        """
+        message = str(self)
+        for argument in self.arguments:
+            if argument in names:
+                word = re.compile(rf"(?<![\w./\\-]){re.escape(argument)}(?![\w/\\-])")
+                message = word.sub(lambda _match, name=names[argument]: name, message)
+        return message
 
 
 class InputWarning(UserWarning):
@@ -40,7 +66,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def max_voxels() -> int:
-    """The voxel limit: ``ANOFPDM_MAX_VOXELS`` if set (``--max-voxels`` sets it), else :data:`DEFAULT_MAX_VOXELS`."""
+    """The voxel limit: ``ANOFPDM_MAX_VOXELS`` if set (:func:`set_max_voxels` sets it), else :data:`DEFAULT_MAX_VOXELS`."""
     text = os.environ.get(MAX_VOXELS_ENV, "").strip()
     if not text:
         return DEFAULT_MAX_VOXELS
@@ -54,11 +80,11 @@ def max_voxels() -> int:
 
 
 def set_max_voxels(limit: int | None) -> None:
-    """Set the voxel limit for this process and its children (``--max-voxels``); None keeps the current one."""
+    """Set the voxel limit ``max_voxels`` for this process and its children; None keeps the current one."""
     if limit is None:
         return
     if limit < 1:
-        raise InputError(f"--max-voxels {limit}: give a positive whole number of voxels, e.g. {DEFAULT_MAX_VOXELS}")
+        raise InputError(f"max_voxels={limit}: give a positive whole number of voxels, e.g. {DEFAULT_MAX_VOXELS}", arguments="max_voxels")
     os.environ[MAX_VOXELS_ENV] = str(int(limit))
 
 
@@ -277,7 +303,8 @@ def check_header(path: Path, image: nib.Nifti1Image) -> None:
         raise InputError(
             f"{path}: the header claims shape {shape}, {voxels} voxels ({voxels * 4 / 2**30:.1f} GiB as float32), above "
             f"the limit of {limit} voxels ({limit * 4 / 2**30:.1f} GiB); if the volume is real, raise the limit with "
-            f"--max-voxels or {MAX_VOXELS_ENV}, else re-export the file"
+            f"max_voxels or {MAX_VOXELS_ENV}, else re-export the file",
+            arguments="max_voxels",
         )
     dtype = image.get_data_dtype()
     if dtype.fields is not None or dtype.kind == "V":

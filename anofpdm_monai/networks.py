@@ -78,16 +78,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda': no CUDA device is available; use 'cpu' or 'auto'")
+        raise InputError("device='cuda': no CUDA GPU is available; use 'cpu' or 'auto'", arguments="device")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r}: choose 'auto', 'cpu' or 'cuda'")
+        raise InputError(f"device={name!r}: choose 'auto', 'cpu' or 'cuda'", arguments="device")
     return torch.device(name)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve ``--precision``: ``bf16`` always autocasts, ``fp32`` never, ``auto`` where :func:`native_bf16`."""
+    """Resolve ``precision``: ``bf16`` always autocasts, ``fp32`` never, ``auto`` where :func:`native_bf16`."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise InputError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}", arguments="precision")
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 

@@ -46,7 +46,7 @@ def read_brats(root: str | Path) -> list[CaseRecord]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and _is_brats_case(p)):
         records.append(_brats_record(folder))
     if not records:
-        raise InputError(f"{root}: no BraTS21 case folders found; {_describe(root)}")
+        raise InputError(f"{root}: no BraTS21 case folders found; {_describe(root)}", arguments="dataset")
     return records
 
 
@@ -67,7 +67,7 @@ def read_atlas(root: str | Path) -> list[CaseRecord]:
     root = Path(root)
     records = _atlas_records(sorted(root.rglob(f"*{ATLAS_SUFFIX}")))
     if not records:
-        raise InputError(f"{root}: no ATLAS v2.0 '*{ATLAS_SUFFIX}' files found; {_describe(root)}")
+        raise InputError(f"{root}: no ATLAS v2.0 '*{ATLAS_SUFFIX}' files found; {_describe(root)}", arguments="dataset")
     return records
 
 
@@ -131,7 +131,7 @@ def read_nnunet(root: str | Path) -> list[CaseRecord]:
             check_case_id(match["case"], path, "rename the case's files (CASE_0000.nii.gz, ...)")
             files.setdefault(match["case"], {})[int(match["channel"])] = path
     if not files:
-        raise InputError(f"{images}: no nnU-Net 'CASE_0000.nii.gz' files found; {_describe(images)}")
+        raise InputError(f"{images}: no nnU-Net 'CASE_0000.nii.gz' files found; {_describe(images)}", arguments="dataset")
     # The cohort's channel count: dataset.json's if it has one, else the most common count (ties: the larger).
     # One odd case must not change the channels of every other case: its missing files are reported at load,
     # and its extra files are kept so that the channel-count check names the case.
@@ -162,7 +162,9 @@ def read_manifest(csv_path: str | Path) -> list[CaseRecord]:
     """Cases of a manifest CSV: ``case_id``, one column per channel (in order), optional ``mask``."""
     csv_path = Path(csv_path)
     if csv_path.is_dir():
-        raise InputError(f"{csv_path}: --dataset manifest expects a CSV file, not a folder; {_describe(csv_path)}")
+        raise InputError(
+            f"{csv_path}: dataset='manifest' expects a CSV file, not a folder; {_describe(csv_path)}", arguments="dataset"
+        )
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: manifest CSV not found; give a CSV with columns case_id,<channel>...,[mask]")
     try:
@@ -212,12 +214,12 @@ DEFAULT_MAP_CHANNELS = {"brats": BRATS_MAP_CHANNELS, "atlas": ("t1",)}
 def read_cases(root: str | Path, dataset: str) -> list[CaseRecord]:
     """Read a cohort with the reader of ``dataset``; a mismatching layout names what was found instead."""
     if dataset not in READERS:
-        raise ValueError(f"--dataset {dataset!r} is not one of {sorted(READERS)}")
+        raise InputError(f"dataset={dataset!r} is not one of {sorted(READERS)}", arguments="dataset")
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: input not found")
     if dataset != "manifest" and not root.is_dir():
-        raise InputError(f"{root}: --dataset {dataset} expects a folder; give --dataset manifest for a CSV")
+        raise InputError(f"{root}: dataset={dataset!r} expects a folder; give dataset='manifest' for a CSV", arguments="dataset")
     return READERS[dataset](root)
 
 
@@ -239,7 +241,7 @@ def detect_layout(root: str | Path) -> str | None:
 def _describe(root: Path) -> str:
     found = detect_layout(root) if root.exists() else None
     if found:
-        return f"this looks like a '{found}' layout: rerun with --dataset {found}"
+        return f"this looks like a '{found}' layout: rerun with dataset={found!r}"
     return "expected the layout described in docs/data.md"
 
 

@@ -4,7 +4,7 @@ torch sizes its thread pool from the machine's cores. In a container limited to 
 64-core host, or under an affinity mask, that is too many: each parallel region then waits for
 threads that are not scheduled, and a run slows down far beyond its share of the CPU. The default
 here lowers torch's thread count to the usable CPUs (never raises it: an explicit
-``OMP_NUM_THREADS`` or ``torch.set_num_threads`` below that stays); ``--threads N`` sets it outright.
+``OMP_NUM_THREADS`` or ``torch.set_num_threads`` below that stays); ``configure_threads(N)`` sets it outright.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from anofpdm_monai.io import InputError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -48,19 +50,19 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
-def configure_threads(requested: int | None) -> int:
-    """Set torch's intra-op threads: ``requested`` if given (``--threads``), else at most :func:`available_cpus`.
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: ``threads`` if given, else at most :func:`available_cpus`.
 
     Returns:
         the thread count now in use.
 
     Raises:
-        ValueError: ``requested`` is below 1.
+        InputError: ``threads`` is below 1.
     """
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"--threads {requested}: give at least 1")
-        torch.set_num_threads(int(requested))
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"threads={threads}: give at least 1", arguments="threads")
+        torch.set_num_threads(int(threads))
     else:
         torch.set_num_threads(min(torch.get_num_threads(), available_cpus()))
     return torch.get_num_threads()

@@ -106,12 +106,12 @@ def prepare_model_dir(settings: TrainSettings, config: ModelConfig) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise InputError(f"{model_dir}: output folder is not writable ({err.strerror}); choose another -o") from err
+        raise InputError(f"{model_dir}: output folder is not writable ({err.strerror}); choose another output folder") from err
     state = model_dir / "train_state.pt"
     if settings.resume and not state.is_file():
-        raise InputError(f"{state}: --resume needs a checkpoint, none found; drop --resume to start a new run")
+        raise InputError(f"{state}: resume needs a checkpoint, none found; drop resume to start a new run", arguments="resume")
     if not settings.resume and (model_dir / "model.pt").exists():
-        raise InputError(f"{model_dir}: already holds a model; pass --resume to continue it or choose another -o")
+        raise InputError(f"{model_dir}: already holds a model; continue it with resume, or choose another output folder", arguments="resume")
     if settings.resume:
         saved = ModelConfig.load(model_dir / "config.json")
         if saved.network != config.network:
@@ -131,9 +131,10 @@ def warm_start(source: Path, network_cfg, networks: tuple[torch.nn.Module, ...])
     saved = ModelConfig.load(source / "config.json")
     if saved.network != network_cfg:
         raise InputError(
-            f"{source / 'config.json'}: --init-from needs the same network (preset {network_cfg.preset!r}, "
+            f"{source / 'config.json'}: init_from needs the same network (preset {network_cfg.preset!r}, "
             f"{network_cfg.in_channels} channels at {network_cfg.image_size}px); this one is preset {saved.network.preset!r} "
-            f"with {saved.network.in_channels} channels at {saved.network.image_size}px"
+            f"with {saved.network.in_channels} channels at {saved.network.image_size}px",
+            arguments="init_from",
         )
     state = safe_torch_load(source / "model.pt")
     for network in networks:
@@ -141,21 +142,21 @@ def warm_start(source: Path, network_cfg, networks: tuple[torch.nn.Module, ...])
 
 
 def check_settings(settings: TrainSettings) -> None:
-    """Reject numeric settings that would crash or silently do nothing, with the flag's name."""
+    """Reject numeric settings that would crash or silently do nothing, naming the setting."""
     if settings.steps is not None and settings.steps < 1:
-        raise ValueError(f"--steps {settings.steps} must be at least 1")
+        raise InputError(f"steps={settings.steps} must be at least 1", arguments="steps")
     if settings.epochs is not None and not settings.epochs > 0:
-        raise ValueError(f"--epochs {settings.epochs} must be positive")
+        raise InputError(f"epochs={settings.epochs} must be positive", arguments="epochs")
     if settings.batch_size < 1:
-        raise ValueError(f"--batch-size {settings.batch_size} must be at least 1")
+        raise InputError(f"batch_size={settings.batch_size} must be at least 1", arguments="batch_size")
     if settings.checkpoint_every < 1:
-        raise ValueError(f"--checkpoint-every {settings.checkpoint_every} must be at least 1")
+        raise InputError(f"checkpoint_every={settings.checkpoint_every} must be at least 1", arguments="checkpoint_every")
     if not settings.lr > 0:
-        raise ValueError(f"--lr {settings.lr} must be positive")
+        raise InputError(f"lr={settings.lr} must be positive", arguments="lr")
     if not 0.0 <= settings.ema <= 1.0:
-        raise ValueError(f"--ema {settings.ema} must lie in [0, 1]")
+        raise InputError(f"ema={settings.ema} must lie in [0, 1]", arguments="ema")
     if not 0.0 <= settings.p_uncond <= 1.0:
-        raise ValueError(f"--p-uncond {settings.p_uncond} must lie in [0, 1]")
+        raise InputError(f"p_uncond={settings.p_uncond} must lie in [0, 1]", arguments="p_uncond")
 
 
 def train(settings: TrainSettings) -> Path:
@@ -177,9 +178,9 @@ def train(settings: TrainSettings) -> Path:
     num_t = config.diffusion.num_train_timesteps
     max_t = settings.max_train_timestep if settings.max_train_timestep is not None else num_t
     if not 1 <= max_t <= num_t:
-        raise ValueError(f"--max-train-timestep {max_t} must lie in [1, {num_t}]")
+        raise InputError(f"max_train_timestep={max_t} must lie in [1, {num_t}]", arguments="max_train_timestep")
     if settings.batch_size % dist_info.world_size:
-        raise ValueError(f"--batch-size {settings.batch_size} must be divisible by the {dist_info.world_size} processes")
+        raise InputError(f"batch_size={settings.batch_size} must be divisible by the {dist_info.world_size} processes", arguments="batch_size")
     total_steps = settings.steps
     if total_steps is None:
         epochs = settings.epochs if settings.epochs is not None else 1.0
@@ -192,10 +193,10 @@ def train(settings: TrainSettings) -> Path:
             error = err if isinstance(err, InputError) else InputError(str(err))
     if dist_info.world_size > 1:
         # Every rank learns rank 0's verdict; otherwise the others would wait forever at the next collective.
-        message = [str(error) if error is not None else None]
+        message = [(str(error), error.arguments) if error is not None else None]
         dist.broadcast_object_list(message, src=0)
         if message[0] is not None and error is None:
-            error = InputError(message[0])
+            error = InputError(message[0][0], arguments=message[0][1])
     if error is not None:
         raise error
 

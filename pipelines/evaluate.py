@@ -25,7 +25,7 @@ from anofpdm_monai.evaluation import (
 )
 from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
-from pipelines.options import add_device_arguments, add_max_voxels_argument
+from pipelines.options import add_device_arguments, add_max_voxels_argument, cli_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             evaluator.evaluate_case(case)
         except (InputError, OSError) as err:
             failed += 1
-            tqdm.write(f"anofpdm evaluate: error: {case_id}: {err}", file=sys.stderr)
+            tqdm.write(f"anofpdm evaluate: error: {case_id}: {cli_message(err, add_arguments)}", file=sys.stderr)
     if world > 1:
         import torch.distributed as dist
 

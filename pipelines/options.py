@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
 
-from anofpdm_monai.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV
+from anofpdm_monai.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, InputError
 from anofpdm_monai.networks import PRECISIONS
 
 
@@ -25,3 +27,23 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, metavar="N",
         help="CPU compute threads (default: torch's, capped at the CPUs this process may use: affinity and cgroup quota)",
     )  # fmt: skip
+
+
+@functools.cache
+def flag_names(add_arguments: Callable[[argparse.ArgumentParser], None]) -> dict[str, str]:
+    """Each argument of a verb, by its Python name, and the verb's flag for it (``batch_size`` -> ``--batch-size``).
+
+    Args:
+        add_arguments: the verb module's ``add_arguments``; the names are the parser's ``dest``s, the flags their
+            longest option string.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return {action.dest: max(action.option_strings, key=len) for action in parser._actions if action.option_strings}
+
+
+def cli_message(err: BaseException, add_arguments: Callable[[argparse.ArgumentParser], None]) -> str:
+    """``err`` as the CLI prints it: the arguments a library :class:`InputError` names, spelled as the verb's flags."""
+    if isinstance(err, InputError):
+        return err.renamed(flag_names(add_arguments))
+    return str(err)

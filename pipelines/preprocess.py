@@ -19,7 +19,7 @@ from anofpdm_monai.data import assign_splits, case_done, write_case, write_manif
 from anofpdm_monai.io import InputError, atomic_save_dataframe
 from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
 from anofpdm_monai.transforms import preprocess_with
-from pipelines.options import add_max_voxels_argument
+from pipelines.options import add_max_voxels_argument, cli_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple
         write_case(store, record.case_id, case, sources)
         return record.case_id, None
     except InputError as err:
-        return record.case_id, str(err)
+        return record.case_id, cli_message(err, add_arguments)  # e.g. a volume above --max-voxels
 
 
 def run(args: argparse.Namespace) -> int:

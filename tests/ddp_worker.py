@@ -78,6 +78,7 @@ def main() -> None:
         report["second_run"] = "no error"
     except InputError as err:
         report["second_run"] = str(err)
+        report["second_run_arguments"] = list(err.arguments)  # rank 1 hears them from rank 0, for the CLI's flags
     report_dir = Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report))

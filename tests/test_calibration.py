@@ -54,7 +54,7 @@ def test_select_threshold_01_ties_go_to_the_smallest_quantile():
 def test_select_threshold_01_needs_both_classes(healthy, unhealthy, missing):
     with pytest.raises(ValueError, match=missing) as info:
         select_threshold_01(healthy, unhealthy)
-    assert "--n-val" in str(info.value)
+    assert "n_val" in str(info.value) and info.value.arguments == ("n_val",)  # the CLI says --n-val
 
 
 # ---------------------------------------------------------------- w*
@@ -219,9 +219,9 @@ def test_calibrate_bad_inputs():
         calibrate(LabelPredictor(2), ABAR, slices, labels, w_grid=[], **kwargs)
     with pytest.raises(ValueError, match="duplicates"):
         calibrate(LabelPredictor(2), ABAR, slices, labels, w_grid=[1.0, 1.0], **kwargs)
-    with pytest.raises(ValueError, match="no unhealthy.*--n-val"):
+    with pytest.raises(ValueError, match="no unhealthy.*n_val"):
         calibrate(LabelPredictor(2), ABAR, slices, torch.full_like(labels, HEALTHY), w_grid=[1.0], **kwargs)
-    with pytest.raises(ValueError, match="no healthy.*--n-val"):
+    with pytest.raises(ValueError, match="no healthy.*n_val"):
         calibrate(LabelPredictor(2), ABAR, slices, torch.full_like(labels, UNHEALTHY), w_grid=[1.0], **kwargs)
     with pytest.raises(ValueError, match="labels"):
         calibrate(LabelPredictor(2), ABAR, slices, torch.full_like(labels, 2), w_grid=[1.0], **kwargs)

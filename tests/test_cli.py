@@ -36,3 +36,49 @@ def test_unknown_verb_exits_nonzero():
     with pytest.raises(SystemExit) as err:
         main(["frobnicate"])
     assert err.value.code != 0
+
+
+# ---------------------------------------------------------------- library arguments shown as flags
+
+
+def test_flag_names_come_from_the_verb_parser():
+    from pipelines import evaluate, train
+    from pipelines.options import flag_names
+
+    names = flag_names(train.add_arguments)
+    assert names["batch_size"] == "--batch-size" and names["output"] == "--output" and names["resume"] == "--resume"
+    assert flag_names(evaluate.add_arguments)["resume"] == "--continue", "dest -> the flag that sets it, not a guess"
+    assert "dataset" not in flag_names(evaluate.add_arguments)
+
+
+def test_cli_message_renames_only_the_declared_whole_words():
+    from anofpdm_monai.io import InputError
+    from pipelines import calibrate
+    from pipelines.options import cli_message
+
+    err = InputError("/data/n_val/x: no unhealthy slices; n_val_healthy=0; give more slices (n_val)", arguments="n_val")
+    assert cli_message(err, calibrate.add_arguments) == "/data/n_val/x: no unhealthy slices; n_val_healthy=0; give more slices (--n-val)"
+    undeclared = InputError("batch_size=0 must be at least 1")
+    assert cli_message(undeclared, calibrate.add_arguments) == str(undeclared)
+    assert cli_message(ValueError("batch_size=0"), calibrate.add_arguments) == "batch_size=0"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [(["--threads", "0"], "anofpdm segment: error: --threads=0: give at least 1"),
+     (["--max-voxels", "0"], "anofpdm segment: error: --max-voxels=0: give a positive whole number of voxels")],
+)  # fmt: skip
+def test_the_cli_names_the_flag_where_the_library_names_the_argument(tmp_path, capsys, argv, needle):
+    code = main(["segment", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "x"), "-o", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err] and err.startswith(needle), err
+
+
+def test_calibrate_with_one_class_names_the_n_val_flag(tmp_path, capsys, brats_store):
+    from test_segment import make_model
+
+    model = make_model(tmp_path / "m", calibrate=False)
+    code = main(["calibrate", "-m", str(model), "-d", str(brats_store), "--n-val", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "calibration needs both classes (give more validation slices, --n-val)" in err, err
+    assert not list(model.glob("calibration*.json")), "nothing written"

@@ -231,7 +231,8 @@ def test_wrong_dataset_names_the_layout_found(tmp_path, build, found, wrong):
     with pytest.raises(InputError) as err:
         read_cases(tmp_path, wrong)
     message = str(err.value)
-    assert f"'{found}'" in message and f"--dataset {found}" in message, message
+    assert f"'{found}'" in message and f"dataset={found!r}" in message and "--" not in message, message
+    assert f"--dataset={found!r}" in err.value.renamed({"dataset": "--dataset"})
     assert "\n" not in message
 
 
@@ -247,5 +248,5 @@ def test_read_cases_unknown_dataset_missing_root_empty_folder_and_csv_as_folder(
     assert detect_layout(empty) is None
     csv = tmp_path / "m.csv"
     csv.write_text("case_id,t1\n")
-    with pytest.raises(InputError, match="--dataset manifest"):
+    with pytest.raises(InputError, match="dataset='manifest'"):
         read_cases(csv, "brats")

@@ -214,7 +214,7 @@ def test_precision_choice():
     cpu = torch.device("cpu")
     assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
     assert use_bf16("auto", cpu) == native_bf16(cpu)
-    with pytest.raises(ValueError, match="--precision 'half'"):
+    with pytest.raises(ValueError, match="^precision='half': choose one of"):
         use_bf16("half", cpu)
 
 
@@ -419,6 +419,7 @@ def test_two_process_gloo_run(micro_store, tmp_path):
     assert pd.read_csv(model_dir / "log.csv")["step"].tolist() == [1, 2, 3, 4]
     # the second call (existing model, no --resume) failed on both ranks instead of hanging rank 1
     assert "already holds a model" in r0["second_run"] and r1["second_run"] == r0["second_run"]
+    assert r0["second_run_arguments"] == r1["second_run_arguments"] == ["resume"]
 
 
 # ---------------------------------------------------------------- anofpdm train: bad inputs
@@ -472,7 +473,7 @@ def test_cli_unwritable_output(capsys, tmp_path, store64):
     a_file.write_text("x")
     for out in (a_file, a_file / "model"):  # a file, and a folder below a file: unwritable even for root
         code, err = run_cli(capsys, "-d", str(store64), "-o", str(out))
-        assert_one_line_error(code, err, "output folder is not writable", "choose another -o")
+        assert_one_line_error(code, err, "output folder is not writable", "choose another output folder")
     assert a_file.read_text() == "x"
     if os.geteuid() == 0:
         return  # root writes into a 0o500 folder anyway; the file cases above cover root
@@ -506,12 +507,14 @@ def test_cli_existing_model_without_resume(capsys, tmp_path, store64):
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["--steps", "0"], "--steps 0 must be at least 1"),
-        (["--checkpoint-every", "0"], "--checkpoint-every 0 must be at least 1"),
-        (["--max-train-timestep", "0"], "--max-train-timestep 0 must lie in [1, 1000]"),
-        (["--max-train-timestep", "1001"], "--max-train-timestep 1001 must lie in [1, 1000]"),
-        (["--p-uncond", "1.5"], "--p-uncond 1.5 must lie in [0, 1]"),
-        (["--lr", "0"], "--lr 0.0 must be positive"),
+        (["--steps", "0"], "--steps=0 must be at least 1"),
+        (["--checkpoint-every", "0"], "--checkpoint-every=0 must be at least 1"),
+        (["--max-train-timestep", "0"], "--max-train-timestep=0 must lie in [1, 1000]"),
+        (["--max-train-timestep", "1001"], "--max-train-timestep=1001 must lie in [1, 1000]"),
+        (["--p-uncond", "1.5"], "--p-uncond=1.5 must lie in [0, 1]"),
+        (["--lr", "0"], "--lr=0.0 must be positive"),
+        (["--ema", "2"], "--ema=2.0 must lie in [0, 1]"),
+        (["--batch-size", "0"], "--batch-size=0 must be at least 1"),
     ],
 )
 def test_cli_bad_numbers(capsys, tmp_path, store64, flags, needle):
@@ -522,6 +525,23 @@ def test_cli_bad_numbers(capsys, tmp_path, store64, flags, needle):
     code = cli_main(args + flags)
     assert_one_line_error(code, capsys.readouterr().err.strip(), needle)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [("steps", 0, "steps=0 must be at least 1"), ("epochs", 0.0, "epochs=0.0 must be positive"),
+     ("batch_size", 0, "batch_size=0 must be at least 1"), ("checkpoint_every", 0, "checkpoint_every=0 must be at least 1"),
+     ("lr", -1.0, "lr=-1.0 must be positive"), ("ema", 1.5, "ema=1.5 must lie in [0, 1]"),
+     ("p_uncond", -0.1, "p_uncond=-0.1 must lie in [0, 1]")],
+)  # fmt: skip
+def test_library_errors_name_the_setting_not_the_flag(tmp_path, field, value, needle):
+    with pytest.raises(InputError) as err:
+        training.check_settings(settings(tmp_path / "store", tmp_path / "m", **{field: value}))
+    assert str(err.value) == needle and err.value.arguments == (field,)
+    resume = settings(tmp_path / "store", tmp_path / "m", resume=True)
+    with pytest.raises(InputError, match="resume needs a checkpoint, none found; drop resume ") as err:
+        training.prepare_model_dir(resume, ModelConfig())
+    assert "--" not in str(err.value) and err.value.arguments == ("resume",)
 
 
 def test_warm_start_copies_the_weights_of_a_model_with_the_same_network(tmp_path):
