@@ -218,6 +218,8 @@ class CohortEvaluator:
             "intensity": case.images[:, list(self.map_channels)].mean(dim=1).numpy().astype(np.float32),
             "slice_indices": case.slice_indices,
         }
+        if case.voxel_mm is not None:
+            arrays["voxel_mm"] = np.asarray(case.voxel_mm, dtype=np.float64)  # volumes in ml (the report)
         facts: dict[str, dict] = {"threshold": {"direction": self.polarity}} if "threshold" in self.methods else {}
         for encoding, inferer in self.slice_inferers.items():
             start = time.perf_counter()
@@ -235,6 +237,11 @@ class CohortEvaluator:
                 arrays[f"{method}/t_e"] = out.end_step.float().mean(dim=1).numpy()
                 arrays[f"{method}/quantile"] = out.quantile.float().mean(dim=1).numpy()
                 arrays[f"{method}/threshold"] = out.threshold.numpy()
+                # the curves of the report: health score against its threshold, d(t) against t
+                arrays[f"{method}/health"] = out.health.numpy().astype(np.float32)
+                arrays[f"{method}/health_threshold"] = np.float64(out.health_threshold)
+                arrays[f"{method}/divergence"] = out.divergence.numpy().astype(np.float32)
+                arrays[f"{method}/timesteps"] = out.timesteps.numpy()
                 facts[method] = {"seconds": seconds, "calls": out.network_calls}
         if "ddib" in self.methods and self.ddib_threshold is not None:
             start = time.perf_counter()

@@ -402,6 +402,14 @@ def summary_markdown(rows: Mapping[str, Mapping[str, Any]]) -> str:
         cells += [_fmt(row.get("calls_per_slice"), ".1f"), _fmt(row.get("seconds_per_slice"), ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     if pixel_methods:
-        said = "; ".join(REGISTRY[m].footnote if m in REGISTRY else f"{m} is tuned on pixel labels" for m in pixel_methods)
-        lines += ["", f"{PIXEL_LABEL_MARKER} uses pixel labels: {said}."]
+        lines += ["", pixel_label_note(rows)]
     return "\n".join(lines) + "\n"
+
+
+def pixel_label_note(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """The footnote of the ``†`` methods of ``rows`` (those with ``uses_pixel_labels``), from the registry; "" if none."""
+    pixel_methods = [method for method, row in rows.items() if row.get("uses_pixel_labels", False)]
+    if not pixel_methods:
+        return ""
+    said = "; ".join(REGISTRY[m].footnote if m in REGISTRY else f"{m} is tuned on pixel labels" for m in pixel_methods)
+    return f"{PIXEL_LABEL_MARKER} uses pixel labels: {said}."

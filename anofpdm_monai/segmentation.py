@@ -200,6 +200,12 @@ class SegmentationResult:
         mixed_masks: (B, S, S) bool masks in the mixed setup (the method's own rule), whichever
             setup ``masks`` follows.
         network_calls: batched network calls per slice that produced it (0 when not counted).
+        health: (B,) the score the health decision thresholds, larger = more likely unhealthy
+            (the paper's variants: 1 - sim; the volume family: its calibrated statistic).
+        health_threshold: a slice is predicted unhealthy when ``health`` reaches above it
+            (the paper's variants: 1 - thr_01).
+        divergence: (B, K) d(t) of eq. 12 at the visited timesteps, mean over the map channels.
+        timesteps: (K,) the visited timesteps.
     """
 
     maps: torch.Tensor
@@ -212,6 +218,10 @@ class SegmentationResult:
     threshold: torch.Tensor
     mixed_masks: torch.Tensor
     network_calls: int = 0
+    health: torch.Tensor | None = None
+    health_threshold: float | None = None
+    divergence: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
 
     def cpu(self, network_calls: int | None = None) -> SegmentationResult:
         """A copy on the CPU with float32 maps (and ``network_calls`` set when given)."""
@@ -278,4 +288,8 @@ def segment(
         quantile=quantile,
         threshold=threshold,
         mixed_masks=mixed,
+        health=1.0 - sim,
+        health_threshold=1.0 - float(calibration.thr_01),
+        divergence=result.divergence[0].mean(dim=-1),
+        timesteps=result.timesteps,
     )

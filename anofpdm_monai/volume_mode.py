@@ -286,6 +286,10 @@ def volume_segment(result: ForwardProcessResult, inputs: VolumeInputs, calibrati
         quantile=maps.new_full((batch, channels), calibration.pixel_quantile),
         threshold=maps.new_full((batch,), calibration.pixel_threshold),
         mixed_masks=mixed,
+        health=statistic.float(),
+        health_threshold=float(calibration.health_threshold),
+        divergence=result.divergence[0].mean(dim=-1),
+        timesteps=result.timesteps,
     )
 
 

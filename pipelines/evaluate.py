@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished by an earlier run")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
     parser.add_argument("--part-id", type=int, default=0)
+    parser.add_argument("--report", action="store_true", help="also write the cohort report RESULTS/report/index.html (as 'anofpdm report')")
     add_max_voxels_argument(parser)
 
 
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     merge_results(results, done, methods)
     print((results / "summary.md").read_text())
     print(f"tables: {results / 'slices.csv'}, {results / 'cases.csv'}, {results / 'summary.json'}")
+    if args.report:
+        from anofpdm_monai.report import write_report
+
+        print(f"report: {write_report(results, model_dir=model_dir)}")
     if failed:
         print(f"anofpdm evaluate: {failed} case(s) failed (see above)", file=sys.stderr)
     return 1 if failed else 0

@@ -234,6 +234,9 @@ def hand_results(tmp_path):
             "anofpdm-ddim/mixed_masks": masks[part] & pred[part][:, None, None],
             "anofpdm-ddim/sim": np.full(n, 0.9), "anofpdm-ddim/t_e": np.zeros(n),
             "anofpdm-ddim/quantile": np.full(n, 0.98), "anofpdm-ddim/threshold": np.full(n, 0.3),
+            "voxel_mm": np.array([1.0, 1.0, 3.0]), "anofpdm-ddim/health": np.where(pred[part], 0.2, 0.05).astype(np.float32),
+            "anofpdm-ddim/health_threshold": np.float64(0.1), "anofpdm-ddim/divergence": np.zeros((n, 3), np.float32),
+            "anofpdm-ddim/timesteps": np.array([0, 20, 40]),
         }  # fmt: skip
         write_case_npz(tmp_path, case_id, arrays, {"anofpdm-ddim": {"seconds": 1.5 * n, "calls": 600}})
     return tmp_path, dict(truth=truth, fg=fg, maps=maps, intensity=intensity)
