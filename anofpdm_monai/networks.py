@@ -23,19 +23,25 @@ NUM_CLASS_EMBEDS = 3
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def build_network(cfg: NetworkConfig) -> DiffusionModelUNet:
-    """Build the 2-D epsilon-predicting UNet of ``cfg`` with embeddings {healthy, unhealthy, null}."""
-    return DiffusionModelUNet(
+def network_arguments(cfg: NetworkConfig) -> dict:
+    """The arguments of MONAI's ``DiffusionModelUNet`` for ``cfg``: a 2-D epsilon-predicting UNet with
+    embeddings {healthy, unhealthy, null}. A MONAI bundle's ``inference.json`` writes these out."""
+    return dict(
         spatial_dims=2,
         in_channels=cfg.in_channels,
         out_channels=cfg.in_channels,
-        channels=cfg.channels,
-        attention_levels=cfg.attention_levels,
+        channels=list(cfg.channels),
+        attention_levels=list(cfg.attention_levels),
         num_res_blocks=cfg.num_res_blocks,
         num_head_channels=cfg.num_head_channels,
         norm_num_groups=cfg.norm_num_groups,
         num_class_embeds=NUM_CLASS_EMBEDS,
     )
+
+
+def build_network(cfg: NetworkConfig) -> DiffusionModelUNet:
+    """Build the 2-D epsilon-predicting UNet of ``cfg`` (:func:`network_arguments`)."""
+    return DiffusionModelUNet(**network_arguments(cfg))
 
 
 def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -120,8 +126,19 @@ class NoisePredictor:
         return eps.float()
 
 
-def load_model_folder(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelConfig]:
+def load_model_folder(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    network: torch.nn.Module | None = None,
+    config: ModelConfig | None = None,
+) -> tuple[torch.nn.Module, ModelConfig]:
     """Load a trained model folder (``config.json`` + ``model.pt``, EMA weights) for inference.
+
+    Args:
+        network, config: built elsewhere (a MONAI bundle's ``inference.json`` builds both from the
+            arguments it names) instead of from the folder's ``config.json``; the folder's
+            ``model.pt`` is loaded into ``network`` all the same.
 
     Raises:
         FileNotFoundError: ``config.json`` or ``model.pt`` is missing.
@@ -129,12 +146,12 @@ def load_model_folder(model_dir: str | Path, device: str | torch.device = "cpu")
             (another preset or channel count).
     """
     model_dir = Path(model_dir)
-    config = ModelConfig.load(model_dir / "config.json")
+    config = ModelConfig.load(model_dir / "config.json") if config is None else config
     try:
         check_register_to(config.preprocess.register_to, "preprocess.register_to")
     except ValueError as err:
         raise InputError(f"{model_dir / 'config.json'}: {err}; fix that field, or use the config.json saved with these weights") from err
-    network = build_network(config.network)
+    network = build_network(config.network) if network is None else network
     state = safe_torch_load(model_dir / "model.pt")
     load_weights(network, state, model_dir / "model.pt", config.network)
     return network.to(device).eval(), config
