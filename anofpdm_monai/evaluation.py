@@ -58,6 +58,7 @@ from anofpdm_monai.metrics import (
 )
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.readers import LESION_LABELS, detect_layout, read_cases
+from anofpdm_monai.scoring import read_mask
 from anofpdm_monai.segmentation import mixed_setup_masks
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
 
@@ -80,7 +81,11 @@ def supported_methods(model_dir: str | Path) -> list[str]:
 
 @dataclass
 class EvalCase:
-    """One test case as the model sees it: slices (N, C, S, S), masks (N, S, S), and where it came from."""
+    """One test case as the model sees it: slices (N, C, S, S), masks (N, S, S), and where it came from.
+
+    ``whole_volume`` is False once :func:`select_slices` dropped any of its slices (``--max-slices``):
+    its 3-D DICE is then not computed (a subset of slices says nothing about the volume).
+    """
 
     case_id: str
     images: torch.Tensor
@@ -89,6 +94,7 @@ class EvalCase:
     geometry: CaseGeometry | None = None
     label_path: Path | None = None
     voxel_mm: tuple[float, float, float] | None = None
+    whole_volume: bool = True
 
 
 class Cohort:
@@ -137,7 +143,8 @@ def select_slices(case: EvalCase, keep: np.ndarray | None) -> EvalCase:
     if keep is None:
         return case
     sel = np.isin(case.slice_indices, keep)
-    return dataclasses.replace(case, images=case.images[sel], masks=case.masks[sel], slice_indices=case.slice_indices[sel])
+    return dataclasses.replace(case, images=case.images[sel], masks=case.masks[sel], slice_indices=case.slice_indices[sel],
+                               whole_volume=case.whole_volume and bool(sel.all()))  # fmt: skip
 
 
 class CohortEvaluator:
@@ -217,6 +224,7 @@ class CohortEvaluator:
             "foreground": brain_foreground(case.images).numpy().astype(bool),
             "intensity": case.images[:, list(self.map_channels)].mean(dim=1).numpy().astype(np.float32),
             "slice_indices": case.slice_indices,
+            "whole_volume": np.array(case.whole_volume),
         }
         if case.voxel_mm is not None:
             arrays["voxel_mm"] = np.asarray(case.voxel_mm, dtype=np.float64)  # volumes in ml (the report)
@@ -274,14 +282,20 @@ class CohortEvaluator:
         save_like(slices_to_volume(masks.float(), case.geometry, "mask"), reference, self.outputs_dir / f"{case.case_id}.nii.gz", np.uint8)
 
     def native_dice(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        """3-D DICE on the input's own grid (raw cohorts only: needs the geometry and the lesion file)."""
+        """3-D DICE on the input's own grid (raw cohorts only: needs the geometry and the lesion file).
+
+        Of each method's output masks (the mixed-setup ones, as ``segment`` and :meth:`write_outputs`
+        write them) against the lesion file binarised (> 0): the reading and the DICE of ``anofpdm
+        score`` (:func:`~anofpdm_monai.scoring.read_mask`, :func:`~anofpdm_monai.metrics.volume_dice`).
+        """
         if case.geometry is None or case.label_path is None:
             return {}
-        truth = np.asarray(nib.load(str(case.label_path)).dataobj) > 0
+        truth, _ = read_mask(case.label_path)
         out = {}
         for method in self.methods:
-            if f"{method}/masks" in arrays:
-                mask = slices_to_volume(torch.from_numpy(arrays[f"{method}/masks"]).float(), case.geometry, "mask")
+            key = f"{method}/mixed_masks" if f"{method}/mixed_masks" in arrays else f"{method}/masks"
+            if key in arrays:
+                mask = slices_to_volume(torch.from_numpy(arrays[key]).float(), case.geometry, "mask")
                 out[method] = volume_dice(mask.astype(bool), truth)
         return out
 
@@ -311,6 +325,7 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
     pooled = {m: (PooledAUPRC(), PooledAUPRC()) for m in methods}
     for case_id, (arrays, facts) in loaded.items():
         truth, fg = arrays["truth"], arrays["foreground"]
+        whole = bool(arrays["whole_volume"]) if "whole_volume" in arrays else False  # files that do not say: partial
         labels = truth.reshape(len(truth), -1).any(1)
         for method in methods:
             if method == "threshold":
@@ -341,7 +356,8 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
             pooled[method][0].update(maps, truth, fg)
             pooled[method][1].update(maps[labels], truth[labels], fg[labels])
             case_rows.append({
-                "case": case_id, "method": method, "dice_3d": volume_dice(mixed_masks, truth),
+                "case": case_id, "method": method, "dice_3d": volume_dice(mixed_masks, truth) if whole else np.nan,
+                "whole_volume": whole,
                 "dice_3d_native": fact.get("dice_3d_native", np.nan),
                 "lesion_pixels": int(truth.sum()), "pred_pixels": int(mixed_masks.sum()), "slices": n,
                 "seconds": fact.get("seconds", 0.0),
@@ -385,6 +401,7 @@ UNDEFINED_REASONS = {
     "precision": "the method makes no slice-level health decision",
     "recall": "the method makes no slice-level health decision",
     "oracle_threshold": "no lesion voxel in the cohort: the oracle intensity threshold is chosen on lesion voxels",
+    "case_dice_3d": "no case was evaluated whole (only sampled slices were): a 3-D DICE needs every slice of the case",
 }
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from anofpdm_monai.baselines import best_threshold_dice, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.evaluation import CohortEvaluator, merge_results
+from anofpdm_monai.evaluation import Cohort, CohortEvaluator, load_case_results, merge_results, select_slices
 from anofpdm_monai.inferers import VolumeInferer
 from anofpdm_monai.metrics import brain_foreground
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
@@ -121,7 +121,9 @@ def test_tables_and_summary_of_a_store_split(test_split_run, brats_store):
     assert "| threshold † |" in markdown and "| anofpdm-ddim |" in markdown
     cases = pd.read_csv(results / "cases.csv")
     assert set(cases["method"]) == set(summary) and cases["case"].nunique() == 1
-    assert cases["dice_3d"].between(0, 1).all()
+    # 30 sampled slices are not the patient's volume: no 3-D DICE, and the summary says why
+    assert not cases["whole_volume"].any() and cases["dice_3d"].isna().all()
+    assert summary["anofpdm-ddim"]["case_dice_3d"] is None and "sampled" in summary["anofpdm-ddim"]["undefined"]["case_dice_3d"]
 
 
 def small_val_store(store: Path, folder: Path, per_label: int = 4) -> Path:
@@ -229,7 +231,7 @@ def hand_results(tmp_path):
         n = part.stop - part.start
         arrays = {
             "truth": truth[part], "foreground": fg[part], "intensity": intensity[part],
-            "slice_indices": indices[case_id],
+            "slice_indices": indices[case_id], "whole_volume": np.array(True),
             "anofpdm-ddim/maps": maps[part], "anofpdm-ddim/masks": masks[part], "anofpdm-ddim/pred": pred[part],
             "anofpdm-ddim/mixed_masks": masks[part] & pred[part][:, None, None],
             "anofpdm-ddim/sim": np.full(n, 0.9), "anofpdm-ddim/t_e": np.zeros(n),
@@ -286,6 +288,27 @@ def test_merge_results_matches_hand_computed_metrics(hand_results):
     assert summary["anofpdm-ddim"]["case_dice_3d"] == pytest.approx(0.25)
     md = (results / "summary.md").read_text()
     assert "| anofpdm-ddim | 50.0 | 44.4 |" in md and "| threshold † | 66.7 | 66.7 |" in md
+
+
+def test_3d_dice_only_for_whole_volumes(hand_results, model, brats_store):
+    """A case evaluated on a subset of its slices (--max-slices) gets no 3-D DICE: its sampled slices may hold
+    none of its lesion, and an empty mask on them would score a perfect 1."""
+    results, _ = hand_results
+    arrays, facts = load_case_results(results / "cases" / "A.npz")
+    lesion_free = {**arrays, "truth": np.zeros_like(arrays["truth"]), "anofpdm-ddim/mixed_masks": np.zeros_like(arrays["truth"]),
+                   "anofpdm-ddim/masks": np.zeros_like(arrays["truth"]), "whole_volume": np.array(False)}  # fmt: skip
+    write_case_npz(results, "C", lesion_free, facts)
+    summary = merge_results(results, ["A", "B", "C"], ["anofpdm-ddim"])
+    cases = pd.read_csv(results / "cases.csv").set_index("case")
+    assert np.isnan(cases.loc["C", "dice_3d"]) and not cases.loc["C", "whole_volume"]
+    assert cases.loc["A", "whole_volume"] and cases.loc["A", "dice_3d"] == pytest.approx(0.5)
+    assert summary["anofpdm-ddim"]["case_dice_3d"] == pytest.approx(0.25)  # the whole cases A and B only
+    # select_slices marks a case partial exactly when it drops a slice
+    store = PreprocessedStore(brats_store)
+    case = Cohort(brats_store, VolumeInferer(model, device="cpu"), "test").load(store.rows("test")["patient"].iloc[0])
+    assert case.whole_volume
+    assert select_slices(case, case.slice_indices).whole_volume
+    assert not select_slices(case, case.slice_indices[:3]).whole_volume
 
 
 def test_merge_results_thresholds_in_the_direction_the_evaluator_recorded(hand_results):
