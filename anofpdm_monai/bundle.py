@@ -34,7 +34,7 @@ from anofpdm_monai.config import ModelConfig
 from anofpdm_monai.io import InputError, atomic_write_json, atomic_write_text
 from anofpdm_monai.methods import anofpdm_methods
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, calibration_path, load_calibration
-from anofpdm_monai.networks import load_model_folder, network_arguments, resolve_device
+from anofpdm_monai.networks import load_model_folder, network_arguments
 
 BUNDLE_VERSION = "0.1.0"
 META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -64,9 +64,7 @@ def bundle_model(model_dir: str | Path, network: torch.nn.Module, config: ModelC
     Raises:
         InputError: the weights do not fit ``network`` (its arguments were edited), or a file is not valid.
     """
-    device = device if isinstance(device, torch.device) else resolve_device(str(device))
-    network, config = load_model_folder(model_dir, device, network=network, config=config)
-    return AnoFPDMModel(model_dir, network, config, device)
+    return AnoFPDMModel.from_folder(model_dir, device, network=network, config=config)
 
 
 def calibration_files(folder: Path) -> list[Path]:

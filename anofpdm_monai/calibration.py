@@ -38,6 +38,7 @@ from anofpdm_monai.segmentation import health_similarity
 THRESHOLD_QUANTILES = np.linspace(0.005, 0.095, 100)
 ENCODINGS = ("ddim", "ddpm")
 ACCURACY_FRACTION = 0.99
+PRECISIONS_RUN = ("fp32", "bf16")  # what --precision auto resolves to
 CURVES_PER_CLASS = 3
 
 
@@ -64,6 +65,8 @@ class Calibration:
         n_val_unhealthy: of which labelled unhealthy.
         include_end_step: aggregated-map convention used (see the forward-process engine).
         inversion: DDIM inversion variant used (``"reference"`` or ``"monai"``).
+        precision: network precision the calibration ran at (``"fp32"`` or ``"bf16"``), or None when
+            unknown (calibrations made before it was recorded, or a predictor that does not say).
         volume: the volume family's decisions at the same N, k and w
             (:class:`anofpdm_monai.volume_mode.VolumeCalibration` as a dict), or None when the
             calibration was made without ``--volume`` (the paper family only).
@@ -87,6 +90,7 @@ class Calibration:
     n_val_unhealthy: int = 0
     include_end_step: bool = True
     inversion: str = "reference"
+    precision: str | None = None
     volume: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +112,8 @@ class Calibration:
             raise ValueError(f"encoding = {self.encoding!r}: must be one of {list(ENCODINGS)}")
         if self.inversion not in INVERSIONS:
             raise ValueError(f"inversion = {self.inversion!r}: must be one of {list(INVERSIONS)}")
+        if self.precision not in (None, *PRECISIONS_RUN):
+            raise ValueError(f"precision = {self.precision!r}: must be one of {list(PRECISIONS_RUN)} or null")
         check_bool("include_end_step", self.include_end_step)
         if not isinstance(self.map_channel_indices, list) or not self.map_channel_indices:
             raise ValueError(f"map_channel_indices = {self.map_channel_indices!r}: must be a non-empty list of channel indices")
@@ -288,6 +294,12 @@ def _check_calibration_inputs(
     _check_both_classes(int((labels == HEALTHY).sum()), int((labels == UNHEALTHY).sum()))
 
 
+def predictor_precision(predict_eps: EpsPredictor) -> str | None:
+    """``"bf16"`` or ``"fp32"`` for a :class:`~anofpdm_monai.networks.NoisePredictor` (its ``autocast``), else None."""
+    autocast = getattr(predict_eps, "autocast", None)
+    return None if autocast is None else ("bf16" if autocast else "fp32")
+
+
 def calibrate(
     predict_eps: EpsPredictor,
     alphas_cumprod: torch.Tensor,
@@ -392,6 +404,7 @@ def calibrate(
         n_val_unhealthy=int(unhealthy.sum()),
         include_end_step=include_end_step,
         inversion=inversion,
+        precision=predictor_precision(predict_eps),
     )
     timesteps = visited_timesteps(budgets[-1], stride)
     curves = [_divergence_curve(i, int(labels[i]), timesteps, divergence[g, i], k) for i in _curve_indices(labels)]

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -29,14 +28,7 @@ from anofpdm_monai.baselines import (
     tune_pixel_threshold,
 )
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.inferers import (
-    ANOFPDM_METHODS,
-    DEFAULT_BATCH_SIZE,
-    SliceInferer,
-    VolumeInferer,
-    calibration_path,
-    load_calibration,
-)
+from anofpdm_monai.inferers import ANOFPDM_METHODS, SliceInferer, VolumeInferer, write_segmentation
 from anofpdm_monai.io import (
     InputError,
     atomic_save_dataframe,
@@ -56,6 +48,7 @@ from anofpdm_monai.metrics import (
     summary_markdown,
     volume_dice,
 )
+from anofpdm_monai.model import calibration_path, load_calibration
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.readers import LESION_LABELS, detect_layout, read_cases
 from anofpdm_monai.scoring import read_mask
@@ -156,7 +149,6 @@ class CohortEvaluator:
         results_dir: output folder.
         ddib_threshold: map threshold of the ``ddib`` baseline (tuned with pixel labels on validation).
         ddib_depth: encoding depth of the ``ddib`` baseline.
-        batch_size, seed: as for the inferer.
         outputs_dir: where to also write, for raw-cohort cases, the first AnoFPDM method's mask and map
             NIfTI files on the input grid and a PNG overlay (None writes none).
     """
@@ -169,8 +161,6 @@ class CohortEvaluator:
         *,
         ddib_threshold: float | None = None,
         ddib_depth: int = 400,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        seed: int = 0,
         outputs_dir: str | Path | None = None,
     ) -> None:
         unknown = [m for m in methods if m not in ALL_METHODS]
@@ -181,38 +171,34 @@ class CohortEvaluator:
         self.results_dir = Path(results_dir)
         self.ddib_threshold = ddib_threshold
         self.ddib_depth = ddib_depth
-        base = inferer.slice_inferer
-        self.predict_eps, self.alphas_cumprod = base.predict_eps, base.alphas_cumprod
-        self.map_channels = base.calibration.map_channel_indices
-        names = inferer.config.preprocess.channel_names
-        self.polarity = lesion_polarity([names[i] for i in self.map_channels])  # the oracle threshold's direction
+        self.model, self.settings = inferer.model, inferer.settings
+        self.polarity = lesion_polarity(self.model.config.preprocess.map_channels)  # the oracle threshold's direction
         self.slice_inferers = {}
         for encoding in sorted({ANOFPDM_METHODS[m][0] for m in self.methods if m in ANOFPDM_METHODS}):
             variants = [ANOFPDM_METHODS[m][1] for m in self.methods if m in ANOFPDM_METHODS and ANOFPDM_METHODS[m][0] == encoding]
-            calibration = load_calibration(inferer.model_dir, encoding)
-            self.slice_inferers[encoding] = SliceInferer(
-                self.predict_eps, self.alphas_cumprod, calibration, variants=variants, encoding=encoding,
-                steps=inferer.steps_override, stride=inferer.stride_override, setup="unhealthy",
-                batch_size=batch_size, seed=seed,
-                device=base.device,
-            )  # fmt: skip
-        self.batch_size = batch_size
+            self.slice_inferers[encoding] = SliceInferer.from_model(
+                self.model, self.settings, encoding=encoding, variants=variants, setup="unhealthy"
+            )
         self.outputs_dir = None if outputs_dir is None else Path(outputs_dir)
 
     def case_file(self, case_id: str) -> Path:
         return self.results_dir / "cases" / f"{check_case_id(case_id, self.results_dir)}.npz"
 
     def ddib_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """DDIB reconstruction maps (N, S, S) in batches, and calls per slice."""
+        """DDIB reconstruction maps (N, S, S) in batches, and calls per slice.
+
+        The baseline runs at the DDIM calibration's w and stride (or the run's ``stride``) on the same network.
+        """
         maps, calls = [], 0
-        base = self.inferer.slice_inferer  # the model's calibrated w and stride serve the baseline too
-        w, stride = base.calibration.w, base.stride
-        for start in range(0, images.shape[0], self.batch_size):
-            x0 = images[start : start + self.batch_size].to(self.inferer.device)
+        calibration = self.model.calibration("ddim")
+        stride = self.settings.stride or calibration.stride
+        predict_eps = self.model.noise_predictor(self.settings.precision)
+        for start in range(0, images.shape[0], self.settings.batch_size):
+            x0 = images[start : start + self.settings.batch_size].to(self.model.device)
             result = ddib_reconstruction(
-                self.predict_eps, x0, self.alphas_cumprod.to(x0.device), depth=self.ddib_depth, w=w, stride=stride,
-                map_channels=self.map_channels,
-            )
+                predict_eps, x0, self.model.alphas_cumprod.to(x0.device), depth=self.ddib_depth, w=calibration.w,
+                stride=stride, map_channels=calibration.map_channel_indices,
+            )  # fmt: skip
             maps.append(result.maps.float().cpu())
             calls = result.network_calls
         return torch.cat(maps), calls
@@ -222,7 +208,7 @@ class CohortEvaluator:
         arrays: dict[str, np.ndarray] = {
             "truth": case.masks.numpy().astype(bool),
             "foreground": brain_foreground(case.images).numpy().astype(bool),
-            "intensity": case.images[:, list(self.map_channels)].mean(dim=1).numpy().astype(np.float32),
+            "intensity": case.images[:, list(self.model.config.preprocess.map_channel_indices)].mean(dim=1).numpy().astype(np.float32),
             "slice_indices": case.slice_indices,
             "whole_volume": np.array(case.whole_volume),
         }
@@ -266,20 +252,24 @@ class CohortEvaluator:
         return atomic_write_bytes(self.case_file(case.case_id), buffer.getvalue())
 
     def write_outputs(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> None:
-        """Write mask, map and overlay of the first AnoFPDM method (raw cohorts, when ``outputs_dir`` is set)."""
+        """Write mask, map and overlay of the first AnoFPDM method (raw cohorts, when ``outputs_dir`` is set).
+
+        The mask is the mixed-setup one, as ``segment`` writes it (same writer, same files).
+        """
         method = next((m for m in self.methods if m in ANOFPDM_METHODS), None)
         if self.outputs_dir is None or case.geometry is None or method is None:
             return
-        from anofpdm_monai.io import save_like
         from anofpdm_monai.visualize import save_overlay
 
         masks = torch.from_numpy(arrays[f"{method}/mixed_masks"])
         maps = torch.from_numpy(arrays[f"{method}/maps"])
-        reference = nib.load(str(case.geometry.reference))
-        save_overlay(case.images, maps, masks, self.outputs_dir / f"{case.case_id}.png", truth=case.masks,
-                     slice_indices=case.slice_indices.tolist())  # fmt: skip
-        save_like(slices_to_volume(maps, case.geometry, "map"), reference, self.outputs_dir / f"{case.case_id}_anomaly.nii.gz", np.float32)
-        save_like(slices_to_volume(masks.float(), case.geometry, "mask"), reference, self.outputs_dir / f"{case.case_id}.nii.gz", np.uint8)
+
+        def png(path: Path) -> Path:
+            return save_overlay(case.images, maps, masks, path, truth=case.masks, slice_indices=case.slice_indices.tolist())
+
+        mask = slices_to_volume(masks.float(), case.geometry, "mask")
+        anomaly = slices_to_volume(maps, case.geometry, "map")
+        write_segmentation(self.outputs_dir, case.case_id, case.geometry.reference, mask, anomaly, png)
 
     def native_dice(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """3-D DICE on the input's own grid (raw cohorts only: needs the geometry and the lesion file).

@@ -8,68 +8,33 @@ grid come out.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import Inferer
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
 from anofpdm_monai.io import InputError, check_case_id, save_like
 from anofpdm_monai.methods import anofpdm_methods
-from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
+from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings, calibration_path
 from anofpdm_monai.segmentation import SegmentationResult, segment
 from anofpdm_monai.transforms import PreprocessedCase, preprocess_with, slices_to_volume
 from anofpdm_monai.volume_mode import VolumeCalibration, VolumeInputs, volume_segment
 
-# Slices per forward process. Each network call sees 2 x this many inputs; 8 slices (16 inputs of
-# 64 x 64) was the fastest per slice on 2 CPU cores (10.5 ms per input against 26 ms at 200 inputs,
-# where activations overflow the caches). Raise it on a GPU.
-DEFAULT_BATCH_SIZE = 8
-
 # method name -> (encoding, decision variant), from the registry (anofpdm_monai.methods)
 ANOFPDM_METHODS = anofpdm_methods()
 VARIANTS = ("aggregated", "last", "volume")
-
-
-def calibration_path(model_dir: str | Path, encoding: str) -> Path:
-    """``calibration.json`` for DDIM (the default), ``calibration_ddpm.json`` for DDPM."""
-    return Path(model_dir) / ("calibration.json" if encoding == "ddim" else f"calibration_{encoding}.json")
-
-
-def load_calibration(model_dir: str | Path, encoding: str) -> Calibration:
-    """The calibration of ``encoding``; falls back to the DDIM one with a warning."""
-    path = calibration_path(model_dir, encoding)
-    if not path.is_file() and encoding != "ddim" and calibration_path(model_dir, "ddim").is_file():
-        warnings.warn(f"{path} not found; using the DDIM calibration for {encoding} (run anofpdm calibrate --encoding {encoding})")
-        path = calibration_path(model_dir, "ddim")
-    return Calibration.load(path)
-
-
-def check_calibration_fits(calibration: Calibration, config, model_dir: str | Path, encoding: str) -> None:
-    """The calibration must describe this model's map channels: one D per map channel, indices within the inputs."""
-    maps = config.preprocess.map_channels
-    path = calibration_path(model_dir, encoding)
-    fix = "rerun `anofpdm calibrate -m MODEL_DIR -d PREP` to recreate it"
-    if len(calibration.D) != len(maps):
-        raise InputError(
-            f"{path}: D holds {len(calibration.D)} value(s) but config.json has {len(maps)} map channel(s) "
-            f"({', '.join(maps)}); {fix}"
-        )
-    if any(i >= config.network.in_channels for i in calibration.map_channel_indices):
-        raise InputError(
-            f"{path}: map_channel_indices {calibration.map_channel_indices} point beyond the model's "
-            f"{config.network.in_channels} input channels (config.json); {fix}"
-        )
 
 
 def volume_calibration(calibration: Calibration, source: str | Path) -> VolumeCalibration:
@@ -160,13 +125,52 @@ class SliceInferer(Inferer):
         self.device = torch.device(device)
         self.progress = progress
 
-    def forward_process(self, inputs: torch.Tensor, case_id: str = "", slice_indices: Sequence[int] | None = None) -> ForwardProcessResult:
-        """The forward process of (N, C, S, S) slices at w*, in batches, joined along the slices (G = 1)."""
+    @classmethod
+    def from_model(
+        cls,
+        model: AnoFPDMModel,
+        settings: InferenceSettings,
+        *,
+        encoding: str | None = None,
+        variants: Sequence[str] | None = None,
+        setup: str = "mixed",
+        progress: bool = False,
+    ) -> SliceInferer:
+        """The inferer of a loaded model with ``settings``.
+
+        ``encoding`` and ``variants`` default to those of ``settings.method``; give them to run several
+        variants of one encoding from one forward process (as ``evaluate`` does).
+        """
+        encoding = encoding or settings.encoding
+        calibration = model.calibration(encoding)
+        return cls(
+            model.noise_predictor(settings.precision),
+            model.alphas_cumprod,
+            calibration,
+            variants=variants or (settings.variant,),
+            encoding=encoding,
+            steps=settings.steps,
+            stride=settings.stride,
+            setup=setup,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            device=model.device,
+            progress=progress,
+            calibration_source=calibration_path(model.folder, calibration.encoding),
+        )
+
+    def forward_process(
+        self, inputs: torch.Tensor, case_id: str = "", slice_indices: Sequence[int] | None = None, progress: bool | None = None
+    ) -> ForwardProcessResult:
+        """The forward process of (N, C, S, S) slices at w*, in batches, joined along the slices (G = 1).
+
+        ``progress`` (default: the inferer's setting) shows a bar over the batches.
+        """
         indices = range(inputs.shape[0]) if slice_indices is None else slice_indices
         seeds = slice_seeds(self.seed, case_id, indices)
         parts = []
         starts = range(0, inputs.shape[0], self.batch_size)
-        for start in tqdm(starts, desc="slices", unit="batch", disable=not self.progress, leave=False):
+        for start in tqdm(starts, desc="slices", unit="batch", disable=not (self.progress if progress is None else progress), leave=False):
             x0 = inputs[start : start + self.batch_size].to(self.device)
             generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds[start : start + self.batch_size]]
             parts.append(
@@ -202,6 +206,7 @@ class SliceInferer(Inferer):
         case_id: str = "",
         slice_indices: Sequence[int] | None = None,
         voxel_mm: Sequence[float] = (1.0, 1.0, 1.0),
+        progress: bool | None = None,
     ) -> dict[str, SegmentationResult]:
         """Run on one volume's (N, C, S, S) slices in [-1, 1]; returns one result per variant.
 
@@ -210,10 +215,14 @@ class SliceInferer(Inferer):
             case_id: the case's id (seeds, with the slice indices, the per-slice random numbers).
             slice_indices: (N,) axial index of each slice (default 0 .. N-1).
             voxel_mm: voxel size of the stacked slices (the volume family's sizes are in mm^3).
+            progress: a bar over the batches (default: the inferer's setting).
         """
-        result = self.forward_process(inputs, case_id, slice_indices)
+        result = self.forward_process(inputs, case_id, slice_indices, progress)
         volume = VolumeInputs.from_slices(inputs, slice_indices, voxel_mm) if "volume" in self.variants else None
         return {v: self.decide(result, v, volume) for v in self.variants}
+
+
+SAVE_ANOMALY = ("none", "masked", "full")
 
 
 @dataclass
@@ -225,6 +234,7 @@ class VolumeResult:
         slices: per-slice outputs for the brain slices.
         mask: (X, Y, Z) uint8 mask on the input grid.
         anomaly: (X, Y, Z) float32 anomaly map on the input grid.
+        brain: (X, Y, Z) bool, the input's brain: its nonzero voxels (skull-stripped inputs have a zero background).
         seconds: wall time of preprocessing and inference.
     """
 
@@ -232,6 +242,7 @@ class VolumeResult:
     slices: SegmentationResult
     mask: np.ndarray
     anomaly: np.ndarray
+    brain: np.ndarray
     seconds: float
 
     @property
@@ -239,61 +250,52 @@ class VolumeResult:
         zooms = np.abs(np.linalg.det(self.case.geometry.input_affine[:3, :3]))
         return float(self.mask.sum() * zooms / 1000.0)
 
+    def anomaly_to_save(self, save_anomaly: str = "masked") -> np.ndarray | None:
+        """The map as written: ``masked`` zero outside the brain (compresses ~4x), ``full`` as is, ``none`` nothing."""
+        if save_anomaly not in SAVE_ANOMALY:
+            raise ValueError(f"save_anomaly={save_anomaly!r}: choose one of {', '.join(SAVE_ANOMALY)}")
+        if save_anomaly == "none":
+            return None
+        return self.anomaly if save_anomaly == "full" else np.where(self.brain, self.anomaly, 0).astype(np.float32)
+
 
 class VolumeInferer(Inferer):
     """Patient NIfTI files in, mask and anomaly map on the input's own grid out.
 
     Args:
-        model_dir: a trained model folder (config.json, model.pt, calibration.json), or "bundled".
-        method: one of ``anofpdm-ddim`` (default), ``anofpdm-ddpm``, ``anofpdm-ddim-last``, ``anofpdm-ddpm-last``.
-        steps, stride: override the calibrated N and k.
-        batch_size: slices per forward process; bounds peak memory.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        seed: engine seed.
-        precision: ``auto`` (bf16 where the device computes it natively, else fp32), ``fp32`` or ``bf16``.
-        keep_3d_components: remove 3-D connected components of the volume mask smaller than this (voxels); 0 keeps all.
+        model: a loaded :class:`AnoFPDMModel`, a model folder or a bundled model's name (``"bundled"``).
+        settings: method, N, k, batch size, seed, precision, 3-D post-processing (default: the defaults).
+        device: ``auto``, ``cpu`` or ``cuda``; used only when ``model`` is a folder or name.
+        progress: show a progress bar over each case's slice batches.
+        **overrides: fields of :class:`InferenceSettings` replacing those of ``settings``
+            (``VolumeInferer("bundled", method="anofpdm-ddim-volume")``).
     """
 
     def __init__(
         self,
-        model_dir: str | Path,
+        model: AnoFPDMModel | str | Path = "bundled",
+        settings: InferenceSettings | None = None,
         *,
-        method: str = "anofpdm-ddim",
-        steps: int | None = None,
-        stride: int | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
         device: str = "auto",
-        seed: int = 0,
-        precision: str = "auto",
-        keep_3d_components: int = 0,
         progress: bool = False,
+        **overrides,
     ) -> None:
         super().__init__()
-        if method not in ANOFPDM_METHODS:
-            raise ValueError(f"--method {method!r}: choose one of {sorted(ANOFPDM_METHODS)}")
-        self.model_dir = resolve_model_dir(model_dir)
-        self.method = method
-        encoding, variant = ANOFPDM_METHODS[method]
-        self.device = resolve_device(device)
-        network, self.config = load_model_folder(self.model_dir, self.device)
-        calibration = load_calibration(self.model_dir, encoding)
-        check_calibration_fits(calibration, self.config, self.model_dir, encoding)
-        self.slice_inferer = SliceInferer(
-            NoisePredictor(network, autocast=use_bf16(precision, self.device)),
-            build_scheduler(self.config.diffusion).alphas_cumprod,
-            calibration,
-            variants=(variant,),
-            encoding=encoding,
-            steps=steps,
-            stride=stride,
-            batch_size=batch_size,
-            seed=seed,
-            device=self.device,
-            progress=progress,
-        )
-        self.variant = variant
-        self.steps_override, self.stride_override = steps, stride  # None: each calibration's own N and k
-        self.keep_3d_components = keep_3d_components
+        self.settings = settings_with(settings, overrides)
+        self.model = model if isinstance(model, AnoFPDMModel) else AnoFPDMModel.from_folder(model, device)
+        self.slice_inferer = SliceInferer.from_model(self.model, self.settings, progress=progress)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def model_dir(self) -> Path:
+        return self.model.folder
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def preprocess(
         self,
@@ -317,38 +319,83 @@ class VolumeInferer(Inferer):
     def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None, case_id: str = "") -> VolumeResult:  # type: ignore[override]
         """Segment one case given its channel files (in the model's channel order); ``case_id`` seeds its slices."""
         start = time.perf_counter()
-        case = self.preprocess(inputs, label)
-        outputs = self.slice_inferer(case.images, case_id, case.geometry.slice_indices, case.geometry.slice_voxel_mm)[self.variant]
-        mask = slices_to_volume(outputs.masks.float(), case.geometry, "mask")
-        if self.keep_3d_components > 0:
-            mask = remove_small_3d_components(mask, self.keep_3d_components)
-        anomaly = slices_to_volume(outputs.maps, case.geometry, "map")
-        return VolumeResult(case, outputs, mask, anomaly, time.perf_counter() - start)
+        result = self.run_case(self.preprocess(inputs, label), case_id)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def run_case(self, case: PreprocessedCase, case_id: str = "", progress: bool | None = None) -> VolumeResult:
+        """Segment one preprocessed case; ``progress`` (default: the inferer's) shows a bar over its slice batches."""
+        start = time.perf_counter()
+        geometry = case.geometry
+        outputs = self.slice_inferer(case.images, case_id, geometry.slice_indices, geometry.slice_voxel_mm, progress=progress)
+        return self.to_volume(case, outputs[self.settings.variant], time.perf_counter() - start)
+
+    def to_volume(self, case: PreprocessedCase, slices: SegmentationResult, seconds: float = 0.0) -> VolumeResult:
+        """Map one case's per-slice outputs back onto its input grid (3-D post-processing included)."""
+        mask = slices_to_volume(slices.masks.float(), case.geometry, "mask")
+        if self.settings.keep_3d_components > 0:
+            mask = remove_small_3d_components(mask, self.settings.keep_3d_components)
+        anomaly = slices_to_volume(slices.maps, case.geometry, "map")
+        brain = (np.asarray(nib.load(str(case.geometry.reference)).dataobj) != 0).reshape(mask.shape)
+        return VolumeResult(case, slices, mask, anomaly, brain, seconds)
 
     @staticmethod
-    def write(result: VolumeResult, out_dir: str | Path, case_id: str, save_png: bool = False) -> list[Path]:
-        """Write ``CASE.nii.gz`` (uint8 mask) and ``CASE_anomaly.nii.gz`` (float32) on the input grid, atomically."""
-        import nibabel as nib
+    def write(result: VolumeResult, out_dir: str | Path, case_id: str, save_png: bool = False, save_anomaly: str = "masked") -> list[Path]:
+        """Write ``CASE.nii.gz`` (uint8 mask) and, unless ``save_anomaly="none"``, ``CASE_anomaly.nii.gz`` on the input grid."""
+        png = None
+        if save_png:
+            from anofpdm_monai.visualize import save_overlay
 
-        check_case_id(case_id, out_dir)
-        out_dir = Path(out_dir)
-        reference = nib.load(str(result.case.geometry.reference))
-        written: list[Path] = []
-        try:
-            written.append(save_like(result.anomaly, reference, out_dir / f"{case_id}_anomaly.nii.gz", np.float32))
-            if save_png:
-                from anofpdm_monai.visualize import save_overlay
+            def png(path: Path) -> Path:
+                return save_overlay(result.case.images, result.slices.maps, result.slices.masks, path,
+                                    slice_indices=list(result.case.geometry.slice_indices))  # fmt: skip
+        return write_segmentation(out_dir, case_id, result.case.geometry.reference, result.mask, result.anomaly_to_save(save_anomaly), png)
 
-                png = out_dir / f"{case_id}.png"
-                written.append(save_overlay(result.case.images, result.slices.maps, result.slices.masks, png,
-                                            slice_indices=list(result.case.geometry.slice_indices)))  # fmt: skip
-            # The mask is written last: its presence marks the case as finished (for --continue).
-            written.append(save_like(result.mask, reference, out_dir / f"{case_id}.nii.gz", np.uint8))
-        except BaseException:
-            for path in written:  # a failed case leaves no partial outputs behind
-                path.unlink(missing_ok=True)
-            raise
-        return written
+
+def settings_with(settings: InferenceSettings | None, overrides: dict) -> InferenceSettings:
+    """``settings`` (default: the defaults) with the fields in ``overrides`` replaced."""
+    fields = {f.name for f in dataclasses.fields(InferenceSettings)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown inference setting(s) {unknown}; choose from {sorted(fields)}")
+    return dataclasses.replace(settings or InferenceSettings(), **overrides)
+
+
+def write_segmentation(
+    out_dir: str | Path,
+    case_id: str,
+    reference: str | Path,
+    mask: np.ndarray,
+    anomaly: np.ndarray | None,
+    png: Callable[[Path], Path] | None = None,
+) -> list[Path]:
+    """Write one case's outputs on the grid of ``reference``, each atomically; a failure leaves none behind.
+
+    Args:
+        out_dir: output folder.
+        case_id: names the files ``CASE.nii.gz`` (mask), ``CASE_anomaly.nii.gz`` (map), ``CASE.png``.
+        reference: a NIfTI file of the input whose header (affine, qform/sform) the outputs copy.
+        mask: (X, Y, Z) 0/1 mask, written as uint8.
+        anomaly: (X, Y, Z) map written as float32, or None to write no map.
+        png: writes the overlay PNG at the path it is given (None: no PNG).
+
+    The mask is written last: its presence marks the case as finished (``segment --continue``).
+    """
+    check_case_id(case_id, out_dir)
+    out_dir = Path(out_dir)
+    header_source = nib.load(str(reference))
+    written: list[Path] = []
+    try:
+        if anomaly is not None:
+            written.append(save_like(anomaly, header_source, out_dir / f"{case_id}_anomaly.nii.gz", np.float32))
+        if png is not None:
+            written.append(png(out_dir / f"{case_id}.png"))
+        written.append(save_like(mask, header_source, out_dir / f"{case_id}.nii.gz", np.uint8))
+    except BaseException:
+        for path in written:  # a failed case leaves no partial outputs behind
+            path.unlink(missing_ok=True)
+        raise
+    return written
 
 
 def remove_small_3d_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -339,13 +339,12 @@ GEOMETRY_FIELDS = ("pixdim", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
                    "qform_code", "sform_code", "srow_x", "srow_y", "srow_z", "xyzt_units", "dim_info")  # fmt: skip
 
 
-def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type | np.dtype) -> Path:
-    """Write ``array`` on the reference image's grid: same shape, affine, qform/sform and codes, zooms.
+def image_like(array: np.ndarray, reference: nib.Nifti1Image, dtype: type | np.dtype) -> nib.Nifti1Image:
+    """``array`` as an image on the reference image's grid: same shape, affine, qform/sform and codes, zooms.
 
     Args:
         array: (X, Y, Z) values on the reference's voxel grid.
         reference: the input image whose geometry the output must keep.
-        path: output ``.nii.gz`` path (written atomically).
         dtype: on-disk data type, e.g. ``np.uint8`` for masks, ``np.float32`` for maps.
     """
     if tuple(array.shape) != tuple(reference.shape[:3]):
@@ -362,4 +361,10 @@ def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, d
     # may disagree with the sform, and a sheared sform has no exact quaternion (set_qform would rewrite them).
     for name in GEOMETRY_FIELDS:
         image.header[name] = reference.header[name]
+    return image
+
+
+def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type | np.dtype) -> Path:
+    """Write :func:`image_like` of ``array`` to ``path`` (``.nii.gz``), atomically."""
+    image = image_like(array, reference, dtype)
     return atomic_write(path, lambda tmp: nib.save(image, str(tmp)))

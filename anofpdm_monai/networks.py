@@ -7,6 +7,7 @@ classifier-free guidance).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -80,13 +81,17 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an unavailable ``cuda`` is an error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` or ``cuda:N`` must name an available GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("device='cuda': no CUDA GPU is available; use 'cpu' or 'auto'", arguments="device")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"device={name!r}: choose 'auto', 'cpu' or 'cuda'", arguments="device")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name != "cpu" and match is None:
+        raise InputError(f"device={name!r}: choose 'auto', 'cpu', 'cuda' or 'cuda:N'", arguments="device")
+    if match is not None:
+        index, count = int(match.group(1) or 0), torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise InputError(f"device={name!r}: {count} CUDA GPU(s) available here; use 'cpu', 'auto' or a GPU below {count}",
+                             arguments="device")  # fmt: skip
     return torch.device(name)
 
 

@@ -191,11 +191,11 @@ def check_continuation(out_dir: str | Path, record: Mapping[str, Any], keys: Ite
     """
     path = Path(out_dir) / name
     before = read_run_record(path)
-    fix = "give another -o, or drop --continue to redo every case"
+    fix = "choose a new output folder, or run without resume to redo every case"
     if before is None:
         raise InputError(
             f"{path}: missing or unreadable, so the outputs in {Path(out_dir)} cannot be checked against this run's model "
-            f"and settings (they were made by another version or tool); {fix}"
+            f"and settings (they were made by another version or tool); {fix}", arguments="resume"
         )
     keys = list(keys)
     if before.get("model") is not None or record.get("model") is not None:
@@ -205,7 +205,7 @@ def check_continuation(out_dir: str | Path, record: Mapping[str, Any], keys: Ite
         return
     detail = "; ".join(f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in changed)
     what = "another model" if changed[0][0] == "model.sha256" else "other settings"
-    raise InputError(f"{path}: the existing outputs were made with {what} ({detail}); {fix}")
+    raise InputError(f"{path}: the existing outputs were made with {what} ({detail}); {fix}", arguments="resume")
 
 
 def command_line(argv: Sequence[str] | None = None) -> list[str]:

@@ -29,7 +29,7 @@ from anofpdm_monai.networks import UNHEALTHY
 from anofpdm_monai.visualize import curves_png, overlay_png, overlay_slices
 
 REPORT_FOLDER = "report"
-PARTIAL = "only part of the case's slices was evaluated (--max-slices), so no 3-D DICE"
+PARTIAL = "only a sample of the case's slices was evaluated, so no 3-D DICE"
 RUN_RECORD = "run.json"
 
 
@@ -91,7 +91,7 @@ def load_summary(results: Path) -> dict[str, dict[str, Any]]:
     """``summary.json`` of ``results`` as ``{method: row}``; an InputError when it is missing or malformed."""
     path = results / "summary.json"
     if not path.is_file():
-        raise InputError(f"{path}: not found; give the -o folder of a finished 'anofpdm evaluate' run")
+        raise InputError(f"{path}: not found; give the results folder of a finished 'anofpdm evaluate' run")
     summary = read_json(path, "re-run anofpdm evaluate to rewrite it")
     if not isinstance(summary, dict) or not all(isinstance(row, dict) for row in summary.values()):
         raise InputError(f"{path}: not a summary ({{method: row}}); re-run anofpdm evaluate to rewrite it")
@@ -101,7 +101,7 @@ def load_summary(results: Path) -> dict[str, dict[str, Any]]:
 def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     """A CSV table of the results folder; an InputError naming the file when it is missing or lacks ``columns``."""
     if not path.is_file():
-        raise InputError(f"{path}: not found; give the -o folder of a finished 'anofpdm evaluate' run")
+        raise InputError(f"{path}: not found; give the results folder of a finished 'anofpdm evaluate' run")
     try:
         table = pd.read_csv(path, dtype={"case": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

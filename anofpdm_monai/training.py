@@ -7,9 +7,11 @@ uninterrupted run would have: same batches, same noise, same optimizer state.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +24,11 @@ from tqdm import tqdm
 
 from anofpdm_monai.config import DiffusionConfig, ModelConfig, network_preset
 from anofpdm_monai.data import PreprocessedStore, SliceDataset
-from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_torch_save, safe_torch_load
+from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_torch_save, atomic_write_json, safe_torch_load
 from anofpdm_monai.networks import build_network, build_scheduler, drop_labels, load_weights, resolve_device
 
 LOG_COLUMNS = ["step", "loss", "lr", "wall_s"]
+TRAINING_FILE = "training.json"  # the training settings and steps done, beside config.json
 
 
 @dataclass
@@ -159,8 +162,51 @@ def check_settings(settings: TrainSettings) -> None:
         raise InputError(f"p_uncond={settings.p_uncond} must lie in [0, 1]", arguments="p_uncond")
 
 
-def train(settings: TrainSettings) -> Path:
-    """Train (or resume) a model folder; returns its path. See the module docstring."""
+def run_settings(settings: TrainSettings, *, lr: float, max_t: int, total_steps: int, start_step: int,
+                 device: torch.device, world_size: int) -> dict:
+    """What one training run (a start or a resume) ran with, as ``training.json`` records it.
+
+    ``lr`` is the optimizer's (on resume: the checkpoint's, not the flag's); ``max_t`` the resolved
+    ``max_train_timestep``; ``autocast`` the precision of the forward pass (bf16 on CUDA, else fp32).
+    """
+    return {
+        "preset": settings.preset, "store": str(Path(settings.store).resolve()),
+        "init_from": None if settings.init_from is None else str(Path(settings.init_from).resolve()),
+        "lr": lr, "batch_size": settings.batch_size, "seed": settings.seed, "ema": settings.ema,
+        "p_uncond": settings.p_uncond, "max_train_timestep": max_t, "total_steps": total_steps,
+        "checkpoint_every": settings.checkpoint_every, "world_size": world_size, "device": str(device),
+        "autocast": "bf16" if device.type == "cuda" else "fp32", "start_step": start_step,
+    }  # fmt: skip
+
+
+def earlier_runs(model_dir: Path, step: int) -> list[dict]:
+    """The runs ``training.json`` records that the checkpoint at ``step`` continues (later ones are dropped,
+    the last one ends at ``step``); [] when the file is missing or unreadable."""
+    try:
+        runs = json.loads((model_dir / TRAINING_FILE).read_text()).get("runs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(runs, list):
+        return []
+    kept = [dict(r) for r in runs if isinstance(r, dict) and isinstance(r.get("start_step"), int) and r["start_step"] < step]
+    if kept:
+        kept[-1]["steps_done"] = step
+    return kept
+
+
+def training_json(run: dict, earlier: list[dict], step: int) -> dict:
+    """``training.json``: this run's settings and the steps done at the top, every run (start, resumes) in ``runs``."""
+    return {"steps_done": step, **run, "runs": [*earlier, {**run, "steps_done": step}]}
+
+
+def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = None) -> Path:
+    """Train (or resume) a model folder; returns its path. See the module docstring.
+
+    Args:
+        settings: the run's settings.
+        on_start: called with the model folder once it is checked, before the first step, on the main
+            process only (the CLI writes its run record and opens its log file there).
+    """
     check_settings(settings)
     device = resolve_device(settings.device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -199,6 +245,8 @@ def train(settings: TrainSettings) -> Path:
             error = InputError(message[0][0], arguments=message[0][1])
     if error is not None:
         raise error
+    if dist_info.is_main and on_start is not None:
+        on_start(settings.model_dir)
 
     torch.manual_seed(settings.seed)
     model = build_network(network_cfg).to(device)
@@ -219,6 +267,9 @@ def train(settings: TrainSettings) -> Path:
         log_path = settings.model_dir / "log.csv"
         if log_path.is_file():
             log_rows = pd.read_csv(log_path).query("step <= @step").to_dict("records")
+    run = run_settings(settings, lr=optimizer.param_groups[0]["lr"], max_t=max_t, total_steps=total_steps,
+                       start_step=step, device=device, world_size=dist_info.world_size)  # fmt: skip
+    earlier = earlier_runs(settings.model_dir, step) if settings.resume else []
     wrapped = model
     if dist_info.world_size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -254,7 +305,7 @@ def train(settings: TrainSettings) -> Path:
         bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
         if dist_info.is_main and (step % settings.checkpoint_every == 0 or step == total_steps):
-            save_checkpoint(settings.model_dir, config, model, ema, optimizer, step, log_rows)
+            save_checkpoint(settings.model_dir, config, model, ema, optimizer, step, log_rows, training_json(run, earlier, step))
     bar.close()
     if dist_info.world_size > 1:
         dist.barrier()
@@ -269,14 +320,18 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     step: int,
     log_rows: list[dict],
+    training: dict | None = None,
 ) -> None:
-    """Write config.json, model.pt (EMA weights), log.csv and train_state.pt, each atomically.
+    """Write config.json, model.pt (EMA weights), training.json (when ``training`` is given), log.csv and
+    train_state.pt, each atomically.
 
     train_state.pt comes last: whenever it exists, the files it is resumed with hold its step or a later one
     (a kill between two of these writes loses no log rows; resume drops rows past the checkpoint's step).
     """
     config.save(model_dir / "config.json")
     atomic_torch_save({k: v.detach().cpu() for k, v in ema.state_dict().items()}, model_dir / "model.pt")
+    if training is not None:
+        atomic_write_json(model_dir / TRAINING_FILE, training)
     atomic_save_dataframe(pd.DataFrame(log_rows, columns=LOG_COLUMNS), model_dir / "log.csv")
     atomic_torch_save(
         {

@@ -28,9 +28,14 @@ from _common import print_table, write_json  # noqa: E402
 from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.data import PreprocessedStore  # noqa: E402
 from anofpdm_monai.forward_process import run_forward_process, visited_timesteps  # noqa: E402
-from anofpdm_monai.inferers import load_calibration  # noqa: E402
 from anofpdm_monai.metrics import PooledAUPRC, brain_foreground, dice_iou_per_slice  # noqa: E402
-from anofpdm_monai.networks import NoisePredictor, build_scheduler, load_model_folder, use_bf16  # noqa: E402
+from anofpdm_monai.model import load_calibration  # noqa: E402
+from anofpdm_monai.networks import (  # noqa: E402
+    NoisePredictor,
+    build_scheduler,
+    load_model_folder,
+    use_bf16,
+)
 from anofpdm_monai.segmentation import (  # noqa: E402
     anomaly_map,
     dynamic_threshold,

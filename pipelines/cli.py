@@ -7,11 +7,14 @@ import contextlib
 import importlib
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 
+from anofpdm_monai import __version__
 from anofpdm_monai.io import MAX_VOXELS_ENV, InputError, set_max_voxels
+from anofpdm_monai.logs import verb_logging
+from anofpdm_monai.provenance import command_line
 from anofpdm_monai.threads import configure_threads
+from pipelines.options import cli_message
 
 # verb -> (module under pipelines/, one-line help)
 VERBS = {
@@ -22,16 +25,31 @@ VERBS = {
     "calibrate": ("calibrate", "choose guidance w, health threshold and D on validation slices (image labels only)"),
     "segment": ("segment", "segment patient volumes: NIfTI in, mask + anomaly-map NIfTI out on the input grid"),
     "evaluate": ("evaluate", "evaluate methods on a test cohort: per-slice/per-case tables and Table 1"),
+    "export-bundle": ("export_bundle", "write a model folder as a MONAI bundle (python -m monai.bundle run segments with it)"),
+    "report": ("report", "write the cohort report of an evaluate results folder: RESULTS/report/index.html"),
+    "score": ("score", "score saved masks against label files: DICE, HD95, lesion-wise detection, volumes (nnU-Net evaluate_folder)"),
 }
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except where it says nothing (None, an off switch) or the help gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="anofpdm", description="AnoFPDM brain-MRI anomaly segmentation without pixel labels (MONAI)."
-    )
+        prog="anofpdm", description="AnoFPDM brain-MRI anomaly segmentation without pixel labels (MONAI).",
+        formatter_class=DefaultsHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"anofpdm {__version__}", help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
-        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+        verb_parser = sub.add_parser(verb, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         importlib.import_module(f"pipelines.{module}").add_arguments(verb_parser)
     return parser
 
@@ -51,17 +69,6 @@ def cli_reference() -> str:
     for verb, verb_parser in sub.choices.items():
         parts.append(f"## anofpdm {verb}\n\n```text\n{verb_parser.format_help()}```\n")
     return "\n".join(parts)
-
-
-@contextlib.contextmanager
-def one_line_warnings(verb: str) -> Iterator[None]:
-    """Print warnings as ``anofpdm VERB: warning: MESSAGE`` (one line, no source line) while the verb runs."""
-    before = warnings.formatwarning
-    warnings.formatwarning = lambda message, *_args, **_kw: f"anofpdm {verb}: warning: {message}\n"
-    try:
-        yield
-    finally:
-        warnings.formatwarning = before
 
 
 @contextlib.contextmanager
@@ -92,16 +99,18 @@ def restored_threads() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = command_line(argv)  # for the run record (run.json); not a flag
     module = importlib.import_module(f"pipelines.{VERBS[args.verb][0]}")
-    try:
-        with one_line_warnings(args.verb), restored_environment(MAX_VOXELS_ENV), restored_threads():
-            set_max_voxels(getattr(args, "max_voxels", None))
-            if hasattr(args, "threads"):  # the inference verbs: threads from the usable CPUs, or --threads
-                configure_threads(args.threads)
-            return int(module.run(args) or 0)
-    except (InputError, FileNotFoundError, ValueError) as err:
-        print(f"anofpdm {args.verb}: error: {err}", file=sys.stderr)
-        return 2
+    with verb_logging(args.verb) as logger:  # console + the log file a verb adds; warnings routed in, once each
+        try:
+            with restored_environment(MAX_VOXELS_ENV), restored_threads():
+                set_max_voxels(getattr(args, "max_voxels", None))
+                if hasattr(args, "threads"):  # the inference verbs: threads from the usable CPUs, or --threads
+                    configure_threads(args.threads)
+                return int(module.run(args) or 0)
+        except (InputError, FileNotFoundError, ValueError) as err:
+            logger.error(cli_message(err, module.add_arguments))  # one line: "anofpdm VERB: error: ...", flags named as flags
+            return 2
 
 
 if __name__ == "__main__":

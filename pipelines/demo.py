@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 from anofpdm_monai.bundled import bundled_model_dir
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, merge_results, supported_methods
-from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
+from anofpdm_monai.inferers import VolumeInferer
 from anofpdm_monai.io import InputError
+from anofpdm_monai.model import DEFAULT_BATCH_SIZE
 from data_prep.phantom import generate_cohort
 from pipelines.options import add_device_arguments
 
@@ -59,7 +60,7 @@ def run_demo(out: Path, layout: str, cases: int, model_dir: Path, *, device: str
           "one forward process, calibrated fast mode)")
     inferer = VolumeInferer(model_dir, batch_size=batch_size, device=device, precision=precision)
     cohort = Cohort(raw, inferer)
-    evaluator = CohortEvaluator(inferer, methods, evaluation, batch_size=batch_size, outputs_dir=segmentations)
+    evaluator = CohortEvaluator(inferer, methods, evaluation, outputs_dir=segmentations)
     for case_id in tqdm(cohort.case_ids, desc="segment + evaluate", unit="case"):
         evaluator.evaluate_case(cohort.load(case_id))
     channels = "+".join(c.upper() for c in inferer.config.preprocess.map_channels)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,13 +21,16 @@ from anofpdm_monai.evaluation import (
     supported_methods,
     tune_ddib_threshold,
 )
-from anofpdm_monai.inferers import DEFAULT_BATCH_SIZE, VolumeInferer
+from anofpdm_monai.inferers import VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
-from pipelines.options import add_device_arguments, add_max_voxels_argument, cli_message
+from anofpdm_monai.logs import get_logger, log_to_file
+from anofpdm_monai.provenance import check_continuation, inference_settings, write_run_record
+from anofpdm_monai.model import DEFAULT_BATCH_SIZE
+from pipelines.options import add_device_arguments, add_max_voxels_argument, record_of, cli_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", required=True, help="trained model folder (or 'bundled')")
+    parser.add_argument("-m", "--model", required=True, help="trained model folder (or 'bundled', 'bundled-atlas')")
     parser.add_argument("-i", "--input", required=True, help="preprocessed store or raw cohort folder")
     parser.add_argument("-o", "--output", required=True, help="results folder")
     parser.add_argument("--split", default="test", help="store split to evaluate (stores only)")
@@ -38,16 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated methods of {', '.join(ALL_METHODS)} (default: every one the model is calibrated for)",
     )  # fmt: skip
     parser.add_argument("--max-slices", type=int, default=None, help="evaluate a seeded subset of this many slices")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--stride", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: each calibration's)")
+    parser.add_argument("--stride", type=int, default=None, help="stride k (default: each calibration's)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument("--ddib-depth", type=int, default=400, help="encoding depth of the ddib baseline")
     parser.add_argument("--val-data", default=None, help="store whose val split tunes the ddib threshold")
     add_device_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished by an earlier run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the forward process and of the --max-slices sample")
+    parser.add_argument(
+        "--continue", dest="resume", action="store_true",
+        help="skip cases finished by an earlier run into -o; refused if that run used another model or settings (run.json)",
+    )  # fmt: skip
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
-    parser.add_argument("--part-id", type=int, default=0)
+    parser.add_argument("--part-id", type=int, default=0, help="which part this process evaluates, 0 .. --num-parts - 1")
     parser.add_argument("--report", action="store_true", help="also write the cohort report RESULTS/report/index.html (as 'anofpdm report')")
     add_max_voxels_argument(parser)
 
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         (results / "cases").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{results}: cannot create the results folder ({err.strerror}); choose a writable -o") from err
+    log_to_file(results, "evaluate")
+    log = get_logger()
     if world > 1 and args.device != "cpu":
         import torch
 
@@ -74,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, seed=args.seed, precision=args.precision,
     )  # fmt: skip
     cohort = Cohort(args.input, inferer, args.split)
-    evaluator = CohortEvaluator(inferer, methods, results, ddib_depth=args.ddib_depth, batch_size=args.batch_size, seed=args.seed)
+    evaluator = CohortEvaluator(inferer, methods, results, ddib_depth=args.ddib_depth)
+    record = record_of("evaluate", args, resolved_settings(args, evaluator, methods), inferer.model_dir)
+    if args.resume and any((results / "cases").glob("*.npz")):
+        check_continuation(results, record, CONTINUATION_KEYS)  # finished cases are reused only from the same run
+    if rank == 0:
+        write_run_record(results, record)
     if "ddib" in methods:
         evaluator.ddib_threshold = ddib_threshold(evaluator, cohort, args, results)
     keep = slice_subset(cohort, args.max_slices, args.seed)
@@ -92,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             evaluator.evaluate_case(case)
         except (InputError, OSError) as err:
             failed += 1
-            tqdm.write(f"anofpdm evaluate: error: {case_id}: {cli_message(err, add_arguments)}", file=sys.stderr)
+            log.error(f"{case_id}: {cli_message(err, add_arguments)}")
     if world > 1:
         import torch.distributed as dist
 
@@ -104,20 +115,36 @@ def run(args: argparse.Namespace) -> int:
             return 1 if failed else 0
     done = [c for c in expected if evaluator.case_file(c).is_file()]
     if len(done) < len(expected) - failed and world == 1 and num_parts > 1:
-        print(f"{len(done)} of {len(expected)} cases done; the summary is written when every part has finished")
+        log.info(f"{len(done)} of {len(expected)} cases done; the summary is written when every part has finished")
         return 1 if failed else 0
     if not done:
         raise InputError(f"{args.input}: no case could be evaluated")
     merge_results(results, done, methods)
-    print((results / "summary.md").read_text())
-    print(f"tables: {results / 'slices.csv'}, {results / 'cases.csv'}, {results / 'summary.json'}")
+    log.info((results / "summary.md").read_text())
+    log.info(f"tables: {results / 'slices.csv'}, {results / 'cases.csv'}, {results / 'summary.json'}; this run: {results / 'run.json'}")
     if args.report:
         from anofpdm_monai.report import write_report
 
-        print(f"report: {write_report(results, model_dir=model_dir)}")
+        log.info(f"report: {write_report(results, model_dir=model_dir)}")
     if failed:
-        print(f"anofpdm evaluate: {failed} case(s) failed (see above)", file=sys.stderr)
+        log.error(f"{failed} case(s) failed (see above)")
     return 1 if failed else 0
+
+
+# Settings that change a case's file (cases/<id>.npz); --continue reuses files only when these and the model match.
+CONTINUATION_KEYS = ("input", "split", "methods", "max_slices", "seed", "steps", "stride", "precision", "calibrations",
+                     "ddib_depth", "val_data")  # fmt: skip
+
+
+def resolved_settings(args: argparse.Namespace, evaluator: CohortEvaluator, methods: list[str]) -> dict:
+    """What the flags resolved to, for run.json: paths, methods, device, precision, each encoding's N, k, w, thr_01, D."""
+    calibrations = {encoding: inference_settings(inferer) for encoding, inferer in evaluator.slice_inferers.items()}
+    precisions = {c["precision"] for c in calibrations.values()} or {inference_settings(evaluator.inferer.slice_inferer)["precision"]}
+    return {
+        "input": Path(args.input).resolve(), "model": evaluator.inferer.model_dir, "methods": list(methods),
+        "device": str(evaluator.inferer.device), "precision": precisions.pop(), "calibrations": calibrations,
+        "val_data": None if args.val_data is None else Path(args.val_data).resolve(),
+    }  # fmt: skip
 
 
 def slice_subset(cohort: Cohort, max_slices: int | None, seed: int) -> dict[str, np.ndarray] | None:
@@ -134,10 +161,9 @@ def slice_subset(cohort: Cohort, max_slices: int | None, seed: int) -> dict[str,
 
 def ddib_settings(evaluator: CohortEvaluator, source: str | Path) -> dict:
     """What the tuned ddib threshold depends on: the weights, the calibrated w and stride, the depth, the tuning data."""
-    base = evaluator.inferer.slice_inferer
-    digest = hashlib.sha256((evaluator.inferer.model_dir / "model.pt").read_bytes()).hexdigest()
-    return {"model_sha256": digest, "w": base.calibration.w, "stride": base.stride, "depth": evaluator.ddib_depth,
-            "tuned_on": str(source)}  # fmt: skip
+    calibration = evaluator.model.calibration("ddim")
+    return {"model_sha256": evaluator.model.sha256, "w": calibration.w, "stride": evaluator.settings.stride or calibration.stride,
+            "depth": evaluator.ddib_depth, "tuned_on": str(source)}  # fmt: skip
 
 
 def ddib_threshold(evaluator: CohortEvaluator, cohort: Cohort, args: argparse.Namespace, results: Path) -> float | None:
@@ -150,7 +176,7 @@ def ddib_threshold(evaluator: CohortEvaluator, cohort: Cohort, args: argparse.Na
 
     source = args.val_data or (args.input if cohort.store is not None else None)
     if source is None:
-        print("ddib skipped: give --val-data PREP to tune its threshold", file=sys.stderr)
+        get_logger().warning("ddib skipped: give --val-data PREP to tune its threshold")
         return None
     cache = results / "ddib.json"
     settings = ddib_settings(evaluator, source)
@@ -158,7 +184,7 @@ def ddib_threshold(evaluator: CohortEvaluator, cohort: Cohort, args: argparse.Na
         cached = json.loads(cache.read_text())
         if cached.get("settings") == settings:
             return float(cached["threshold"])
-        print(f"{cache}: tuned for another model or setting; tuning the ddib threshold again", file=sys.stderr)
+        get_logger().warning(f"{cache}: tuned for another model or setting; tuning the ddib threshold again")
     threshold = tune_ddib_threshold(evaluator, PreprocessedStore(source), max_slices=200, seed=args.seed)
     record = {"threshold": threshold, "tuned_on": str(source), "uses_pixel_labels": True, "settings": settings}
     atomic_write_text(cache, json.dumps(record) + "\n")

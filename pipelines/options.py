@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import functools
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from anofpdm_monai.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, InputError
 from anofpdm_monai.networks import PRECISIONS
+from anofpdm_monai.provenance import run_record
 
 
 def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
@@ -21,12 +24,26 @@ def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision``, shared by every verb that runs the network for inference."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", help="where the network runs: auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N",
         help="CPU compute threads (default: torch's, capped at the CPUs this process may use: affinity and cgroup quota)",
     )  # fmt: skip
+
+
+def record_of(verb: str, args: argparse.Namespace, resolved: dict[str, Any] | None = None, model_dir: str | Path | None = None) -> dict:
+    """The run record (``run.json``) of ``anofpdm VERB``: every flag's value, overridden by what it ``resolved`` to.
+
+    Args:
+        verb: the sub-command.
+        args: the parsed flags (``pipelines.cli.main`` adds the command line as ``args.command_line``).
+        resolved: settings as the run resolved them, e.g. ``{"precision": "fp32", "device": "cpu"}`` for
+            ``--precision auto --device auto``, or the calibrated N and k; they replace the flags' values.
+        model_dir: the model folder the run uses (its ``model.pt`` is hashed).
+    """
+    flags = {k: v for k, v in vars(args).items() if k not in ("verb", "command_line")}
+    return run_record(verb, getattr(args, "command_line", None), {**flags, **(resolved or {})}, model_dir)
 
 
 @functools.cache

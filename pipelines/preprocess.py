@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import sys
+import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -16,19 +16,21 @@ from tqdm import tqdm
 
 from anofpdm_monai.config import PreprocessConfig, check_register_to
 from anofpdm_monai.data import assign_splits, case_done, write_case, write_manifest, write_settings
-from anofpdm_monai.io import InputError, atomic_save_dataframe
+from anofpdm_monai.io import InputError, InputWarning, atomic_save_dataframe
+from anofpdm_monai.logs import get_logger, log_to_file
+from anofpdm_monai.provenance import write_run_record
 from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
 from anofpdm_monai.transforms import preprocess_with
-from pipelines.options import add_max_voxels_argument, cli_message
+from pipelines.options import add_max_voxels_argument, cli_message, record_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, help="raw cohort folder (or manifest CSV)")
     parser.add_argument("-o", "--output", required=True, help="store folder to write")
-    parser.add_argument("--dataset", required=True, choices=["brats", "atlas", "nnunet", "manifest"])
+    parser.add_argument("--dataset", required=True, choices=["brats", "atlas", "nnunet", "manifest"], help="layout of -i (docs/data.md)")
     parser.add_argument("--size", type=int, default=128, help="slice side S (paper 128; tiny preset 64)")
     parser.add_argument("--split", default="0.75,0.05,0.20", help="train,val,test fractions by patient")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
     parser.add_argument("--register-to", default=None, help="template NIfTI for affine registration (SimpleITK)")
     parser.add_argument("--map-channels", default=None, help="comma-separated channel names for the anomaly map")
     parser.add_argument(
@@ -37,12 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resize the whole axial plane to S x S (the paper's chain) instead of the brain's bounding box padded to a square",
     )
     parser.add_argument("--crop-margin", type=float, default=5.0, help="margin around the brain's bounding box, mm")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="cases preprocessed in parallel (processes)")
     parser.add_argument("--allow-skips", action="store_true", help="exit 0 even when cases were skipped")
     add_max_voxels_argument(parser)
 
 
-def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple[str, str | None]:
+def _process(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple[str, str | None, list[str]]:
+    """Preprocess and store one case; return (case id, error line or None, the warnings it raised).
+
+    The warnings are returned, not shown, so that a worker process's ones reach the parent's log as one line each.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        case_id, error = _process_case(store, record, config)
+    return case_id, error, [str(w.message) for w in caught]
+
+
+def _process_case(store: Path, record: CaseRecord, config: PreprocessConfig) -> tuple[str, str | None]:
     """Preprocess and store one case; return (case id, error line or None)."""
     try:
         if tuple(record.channels) != config.channel_names:
@@ -88,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         write_settings(store, config, split, args.seed)
     except OSError as err:
         raise InputError(f"{store}: cannot write the store ({err.strerror}); choose a writable -o folder") from err
+    log_to_file(store, "preprocess")
+    resolved = {"input": Path(args.input).resolve(), "split": split, "preprocess": asdict(config), "cases_found": len(records)}
+    write_run_record(store, record_of("preprocess", args, resolved))
     todo = [r for r in records if not case_done(store, r.case_id)]
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), desc="preprocess", unit="case")
@@ -95,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in its thread pool.
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = (f.result() for f in [pool.submit(_process, store, r, config) for r in todo])
-            for case_id, error in results:
-                _report(case_id, error, skipped, bar)
+            for case_id, error, raised in results:
+                _report(case_id, error, raised, skipped, bar)
     else:
         for record in todo:
             _report(*_process(store, record, config), skipped, bar)
@@ -107,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.input}: no case could be preprocessed; see {store / 'skipped.csv'}")
     table = write_manifest(store, assign_splits(done, split, args.seed))
     counts = table.groupby("split")["patient"].nunique().to_dict()
-    print(
+    get_logger().info(
         f"store {store}: {len(done)} patients ({counts}), {len(table)} slices, "
         f"{int(table['label'].sum())} with lesion; {len(skipped)} skipped"
     )
@@ -144,8 +159,10 @@ def _check_same_settings(store: Path, config: PreprocessConfig) -> None:
         )
 
 
-def _report(case_id: str, error: str | None, skipped: list[tuple[str, str]], bar: tqdm) -> None:
+def _report(case_id: str, error: str | None, raised: list[str], skipped: list[tuple[str, str]], bar: tqdm) -> None:
+    for message in raised:
+        warnings.warn(message, InputWarning, stacklevel=1)  # through the verb's log, once per text
     if error:
         skipped.append((case_id, error))
-        tqdm.write(f"skipped {case_id}: {error}", file=sys.stderr)
+        get_logger().warning(f"skipped {case_id}: {error}", extra={"bare": True})
     bar.update(1)

@@ -3,87 +3,80 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from anofpdm_monai.bundled import resolve_model_dir
-from anofpdm_monai.inferers import ANOFPDM_METHODS, DEFAULT_BATCH_SIZE, VolumeInferer
+from anofpdm_monai.api import resolve_parts, segment_records, shard
+from anofpdm_monai.inferers import ANOFPDM_METHODS, SAVE_ANOMALY, VolumeInferer
 from anofpdm_monai.io import InputError
-from anofpdm_monai.readers import CaseRecord, records_for_inference
-from pipelines.options import add_device_arguments, add_max_voxels_argument
+from anofpdm_monai.logs import get_logger, log_to_file
+from anofpdm_monai.model import DEFAULT_BATCH_SIZE, InferenceSettings
+from anofpdm_monai.provenance import check_continuation, inference_settings, write_run_record
+from anofpdm_monai.readers import records_for_inference
+from pipelines.options import add_device_arguments, add_max_voxels_argument, cli_message, record_of
+
+log = get_logger()
+# the settings that change what segment writes (--continue refuses to mix outputs made with others)
+OUTPUT_SETTINGS = ("method", "encoding", "steps", "stride", "w", "thr_01", "D", "calibration_sha256", "seed", "precision",
+                   "keep_3d_components", "save_anomaly")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", required=True, help="trained model folder (or 'bundled')")
+    parser.add_argument("-m", "--model", required=True, help="trained model folder, or 'bundled'")
     parser.add_argument("-i", "--input", required=True, nargs="+", help="case folder(s), NIfTI file(s), a cohort folder or a manifest CSV")
     parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(ANOFPDM_METHODS))
+    parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(ANOFPDM_METHODS), help="decision method (docs/segment.md)")
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: calibrated)")
     parser.add_argument("--stride", type=int, default=None, help="stride k (default: calibrated)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     add_device_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="with the case id and slice index, seeds each slice's noise")
     parser.add_argument("--save-png", action="store_true", help="also write CASE.png overlays")
+    parser.add_argument("--save-anomaly", default="masked", choices=SAVE_ANOMALY,
+                        help="CASE_anomaly.nii.gz: zero outside the brain (masked, ~4x smaller), full, or none")
     parser.add_argument("--keep-3d-components", type=int, default=0, metavar="MIN_VOXELS",
-                        help="drop 3-D lesion components smaller than this many voxels")
+                        help="drop 3-D lesion components smaller than this many voxels (0: keep all)")
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
+    parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (or run under torchrun)")
+    parser.add_argument("--part-id", type=int, default=0, help="which part this process segments, in [0, --num-parts)")
     add_max_voxels_argument(parser)
 
 
-def model_order(record: CaseRecord, names: tuple[str, ...]) -> list[Path]:
-    """The case's channel files in the model's channel order when they carry its channel names (e.g. a manifest's
-    columns in another order); else in the order given."""
-    if set(record.channels) == set(names):
-        return [record.channels[name] for name in names]
-    return list(record.channels.values())
-
-
 def run(args: argparse.Namespace) -> int:
-    records = records_for_inference(args.input)
+    num_parts, part_id = resolve_parts(args.num_parts, args.part_id)
+    records = shard(records_for_inference(args.input), num_parts, part_id)
     out_dir = Path(args.output)
-    inferer = VolumeInferer(
-        resolve_model_dir(args.model),
-        method=args.method,
-        steps=args.steps,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        precision=args.precision,
-        keep_3d_components=args.keep_3d_components,
-    )
+    settings = InferenceSettings(
+        method=args.method, steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed,
+        precision=args.precision, keep_3d_components=args.keep_3d_components,
+    )  # fmt: skip
+    inferer = VolumeInferer(args.model, settings, device=args.device)
+    resolved = {**settings.to_dict(), **inference_settings(inferer.slice_inferer), "device": str(inferer.device),
+                "num_parts": num_parts, "part_id": part_id}  # fmt: skip
+    record = record_of("segment", args, resolved, inferer.model_dir)
+    if args.resume and any(out_dir.glob("*.nii.gz")):
+        check_continuation(out_dir, record, OUTPUT_SETTINGS)
     try:  # after the model folder was checked: a refused model leaves no output folder behind
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{out_dir}: cannot create the output folder ({err.strerror}); choose a writable -o") from err
+    log_to_file(out_dir, "segment")
+    write_run_record(out_dir, record)
+    outcomes = segment_records(
+        inferer, records, out_dir, save_png=args.save_png, save_anomaly=args.save_anomaly, skip_done=args.resume,
+        keep_results=False, progress=True,
+    )  # fmt: skip
     failed = 0
-    for record in tqdm(records, desc="segment", unit="case", disable=len(records) < 2):
-        if args.resume and (out_dir / f"{record.case_id}.nii.gz").is_file():
-            tqdm.write(f"{record.case_id}: done already, skipped (--continue)")
-            continue
-        try:
-            result = inferer(model_order(record, inferer.config.preprocess.channel_names), case_id=record.case_id)
-            inferer.write(result, out_dir, record.case_id, save_png=args.save_png)
-        except InputError as err:
+    desc = f"segment {part_id + 1}/{num_parts}" if num_parts > 1 else "segment"
+    for outcome in tqdm(outcomes, total=len(records), desc=desc, unit="case", disable=len(records) < 2):
+        if outcome.skipped:
+            log.info(f"{outcome.case_id}: done already, skipped (--continue)")
+        elif outcome.error is not None:
             failed += 1
-            tqdm.write(f"anofpdm segment: error: {record.case_id}: {err}", file=sys.stderr)
-            continue
-        except OSError as err:  # reading errors are InputErrors: this is writing the outputs
-            failed += 1
-            target = err.filename2 or err.filename or out_dir
-            tqdm.write(
-                f"anofpdm segment: error: {record.case_id}: cannot write {target} ({err.strerror or err}); "
-                f"make sure -o {out_dir} is writable, has free space and holds no folder of that name",
-                file=sys.stderr,
-            )
-            continue
-        unhealthy = int(result.slices.predicted_unhealthy.sum())
-        tqdm.write(
-            f"{record.case_id}: {unhealthy}/{len(result.slices.sim)} slices unhealthy, lesion {result.lesion_ml:.1f} ml, "
-            f"{result.seconds:.1f} s -> {out_dir / (record.case_id + '.nii.gz')}"
-        )
+            log.error(f"{outcome.case_id}: {cli_message(outcome.error, add_arguments)}")
+        else:
+            log.info(f"{outcome.case_id}: {outcome.summary} -> {out_dir / (outcome.case_id + '.nii.gz')}")
     if failed:
-        print(f"anofpdm segment: {failed} of {len(records)} cases failed (see above)", file=sys.stderr)
+        log.error(f"{failed} of {len(records)} cases failed (see above)")
     return 1 if failed else 0

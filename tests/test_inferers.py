@@ -62,7 +62,7 @@ def test_segment_and_evaluate_give_the_same_mask(model, case, method, monkeypatc
     segmented = inferer(case["paths"], case["label"], case_id="BraTS2021_00007")
     cohort_root = case["paths"][0].parent.parent
     results = cohort_root.parent / f"results_{method}"
-    evaluator = CohortEvaluator(inferer, [method], results, batch_size=5)
+    evaluator = CohortEvaluator(VolumeInferer(inferer.model, inferer.settings, batch_size=5), [method], results)
     evaluator.evaluate_case(Cohort(cohort_root, inferer).load("BraTS2021_00007"))
     arrays, _ = load_case_results(evaluator.case_file("BraTS2021_00007"))
     assert segmented.slices.masks.any()

@@ -99,13 +99,13 @@ def test_check_continuation_names_the_setting_that_differs(tmp_path):
     write_run_record(tmp_path, before)
     keys = ("steps", "seed")
     check_continuation(tmp_path, run_record("evaluate", None, {"steps": 8, "seed": 0, "batch_size": 16}, model), keys)
-    with pytest.raises(InputError, match=r"run\.json: .*other settings \(steps: 8 -> 4\); give another -o, or drop --continue"):
+    with pytest.raises(InputError, match=r"run\.json: .*other settings \(steps: 8 -> 4\); choose a new output folder, or run without resume"):
         check_continuation(tmp_path, run_record("evaluate", None, {"steps": 4, "seed": 0}, model), keys)
     (model / "model.pt").write_bytes(b"retrained")
     with pytest.raises(InputError, match=r"another model \(model\.sha256: "):
         check_continuation(tmp_path, run_record("evaluate", None, {"steps": 8, "seed": 0}, model), keys)
     (tmp_path / "run.json").unlink()
-    with pytest.raises(InputError, match=r"run\.json: missing or unreadable.*drop --continue"):
+    with pytest.raises(InputError, match=r"run\.json: missing or unreadable.*without resume"):
         check_continuation(tmp_path, before, keys)
 
 

@@ -142,11 +142,11 @@ def test_constant_volume_warns(tmp_path):
     assert data.shape == V.SHAPE
 
 
-def test_cli_warning_is_one_line(tmp_path):
+def test_cli_warning_is_one_line(tmp_path, capsys):
     import warnings
 
-    from pipelines.cli import one_line_warnings
+    from anofpdm_monai.logs import verb_logging
 
-    with warnings.catch_warnings(), one_line_warnings("segment"):
-        text = warnings.formatwarning(InputWarning("x.nii.gz: careful"), InputWarning, "f.py", 3)
-    assert text == "anofpdm segment: warning: x.nii.gz: careful\n"
+    with warnings.catch_warnings(), verb_logging("segment"):
+        warnings.warn(InputWarning("x.nii.gz: careful"), stacklevel=1)
+    assert capsys.readouterr().err == "anofpdm segment: warning: x.nii.gz: careful\n"

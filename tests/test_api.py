@@ -1,0 +1,140 @@
+"""The Python API (``am.segment``), the loaded-model object, sharded and overlapped ``segment`` runs, ``--save-anomaly``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_segment import AFFINES, make_model, use_oracle, write_case
+
+import anofpdm_monai as am
+from anofpdm_monai.api import shard
+from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.model import AnoFPDMModel, InferenceSettings
+from pipelines.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("api") / "model", w=1.0, thr_01=0.99, D=10.0)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three BraTS-layout cases in one cohort folder (one without a lesion)."""
+    root = tmp_path_factory.mktemp("api_cohort")
+    for index, affine in enumerate(("RAS", "LPS", "OBLIQUE")):
+        case_id = f"BraTS2021_0000{index}"
+        write_case(root / case_id, case_id, AFFINES[affine], lesion=index != 2)
+    return root
+
+
+def segment_cli(*args) -> int:
+    return main(["segment", *[str(a) for a in args], "--device", "cpu", "--precision", "fp32"])
+
+
+def test_settings_refuse_bad_values_naming_the_argument():
+    for bad, argument in ((dict(method="nope"), "method"), (dict(steps=0), "steps"), (dict(batch_size=-1), "batch_size"),
+                          (dict(precision="fp8"), "precision"), (dict(keep_3d_components=True), "keep_3d_components")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{argument}="):
+            InferenceSettings(**bad)
+    assert InferenceSettings(method="anofpdm-ddpm-volume").encoding == "ddpm"
+    assert InferenceSettings(method="anofpdm-ddpm-volume").variant == "volume"
+
+
+def test_a_loaded_model_serves_several_inferers(model, cohort, monkeypatch):
+    use_oracle(monkeypatch, w=1.0)
+    loaded = AnoFPDMModel.from_folder(model, "cpu")
+    assert loaded.config.network.in_channels == 4 and loaded.alphas_cumprod.shape == (1000,)
+    assert loaded.calibration("ddim") is loaded.calibration("ddim")  # read once
+    assert re.fullmatch(r"[0-9a-f]{64}", loaded.sha256)
+    paths = [cohort / "BraTS2021_00000" / f"BraTS2021_00000_{n}.nii.gz" for n in ("flair", "t1", "t1ce", "t2")]
+    from_object = VolumeInferer(loaded, InferenceSettings(precision="fp32"))(paths, case_id="BraTS2021_00000")
+    from_folder = VolumeInferer(model, device="cpu", precision="fp32")(paths, case_id="BraTS2021_00000")
+    assert from_object.mask.any()
+    assert np.array_equal(from_object.mask, from_folder.mask)
+    with pytest.raises(TypeError, match="unknown inference setting"):
+        VolumeInferer(loaded, step=3)
+
+
+def test_am_segment_equals_the_cli_for_paths_nibabel_images_and_metatensors(model, cohort, tmp_path, monkeypatch):
+    from monai.data import MetaTensor
+
+    use_oracle(monkeypatch, w=1.0)
+    assert segment_cli("-m", model, "-i", cohort / "BraTS2021_00001", "-o", tmp_path / "cli") == 0
+    written = nib.load(str(tmp_path / "cli" / "BraTS2021_00001.nii.gz"))
+    case_dir = cohort / "BraTS2021_00001"
+    files = [case_dir / f"BraTS2021_00001_{n}.nii.gz" for n in ("flair", "t1", "t1ce", "t2")]
+
+    by_path = am.segment([case_dir], model, device="cpu", precision="fp32", progress=False)
+    assert [o.case_id for o in by_path] == ["BraTS2021_00001"]
+    assert np.array_equal(by_path[0].mask.get_fdata(), written.get_fdata()) and written.get_fdata().any()
+    assert np.allclose(by_path[0].mask.affine, written.affine)
+
+    images = tuple(nib.load(str(f)) for f in files)
+    # in-memory cases are named image000, ...: the two runs below share that id, so their noise too
+    by_image = am.segment([images], model, device="cpu", precision="fp32", progress=False)
+    tensors = tuple(MetaTensor(np.asarray(i.dataobj, dtype=np.float32)[None], affine=i.affine) for i in images)
+    by_tensor = am.segment([tensors], model, device="cpu", precision="fp32", progress=False)
+    assert np.array_equal(by_image[0].mask.get_fdata(), by_tensor[0].mask.get_fdata())
+    assert np.allclose(by_tensor[0].mask.affine, written.affine)
+    assert by_image[0].mask.shape == written.shape
+
+
+def test_sharded_runs_give_the_union_of_a_full_run(model, cohort, tmp_path, monkeypatch):
+    use_oracle(monkeypatch, w=1.0)
+    assert segment_cli("-m", model, "-i", cohort, "-o", tmp_path / "full") == 0
+    for part in (0, 1):
+        assert segment_cli("-m", model, "-i", cohort, "-o", tmp_path / "parts", "--num-parts", 2, "--part-id", part) == 0
+    full = sorted(p.name for p in (tmp_path / "full").glob("*.nii.gz"))
+    assert len(full) == 6  # three cases, mask + map each
+    assert sorted(p.name for p in (tmp_path / "parts").glob("*.nii.gz")) == full
+    for name in full:
+        a, b = nib.load(str(tmp_path / "full" / name)), nib.load(str(tmp_path / "parts" / name))
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), name
+    assert shard(list(range(7)), 3, 1) == [1, 4]
+    assert sorted(sum((shard(list(range(7)), 3, i) for i in range(3)), [])) == list(range(7))
+
+
+def test_save_anomaly_masked_full_and_none(model, cohort, tmp_path, monkeypatch):
+    use_oracle(monkeypatch, w=1.0)
+    case = cohort / "BraTS2021_00000"
+    for mode in ("full", "masked", "none"):
+        assert segment_cli("-m", model, "-i", case, "-o", tmp_path / mode, "--save-anomaly", mode) == 0
+    full = np.asarray(nib.load(str(tmp_path / "full" / "BraTS2021_00000_anomaly.nii.gz")).dataobj)
+    masked = np.asarray(nib.load(str(tmp_path / "masked" / "BraTS2021_00000_anomaly.nii.gz")).dataobj)
+    assert not (tmp_path / "none" / "BraTS2021_00000_anomaly.nii.gz").exists()
+    assert (tmp_path / "none" / "BraTS2021_00000.nii.gz").is_file()
+    image = np.asarray(nib.load(str(case / "BraTS2021_00000_flair.nii.gz")).dataobj)
+    outside = image == 0  # the phantom's background
+    assert (full[outside] != 0).any(), "a full map with nothing outside the brain would prove nothing"
+    assert (masked[outside] == 0).all()
+    inside = masked != 0
+    assert inside.any() and np.array_equal(masked[inside], full[inside])
+
+
+def test_continue_refuses_outputs_made_with_other_settings(model, cohort, tmp_path, monkeypatch, capsys):
+    use_oracle(monkeypatch, w=1.0)
+    case = cohort / "BraTS2021_00000"
+    assert segment_cli("-m", model, "-i", case, "-o", tmp_path) == 0
+    assert segment_cli("-m", model, "-i", case, "-o", tmp_path, "--continue") == 0
+    assert "skipped" in capsys.readouterr().out
+    assert segment_cli("-m", model, "-i", case, "-o", tmp_path, "--continue", "--steps", 20) == 2
+    assert "steps: 40 -> 20" in capsys.readouterr().err
+
+
+def test_docs_api_example_runs(model, cohort, tmp_path, monkeypatch):
+    """docs/api.md's example, with its model and case swapped for this test's tiny ones."""
+    use_oracle(monkeypatch, w=1.0)
+    text = (ROOT / "docs" / "api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace('"bundled"', repr(str(model))).replace('"BraTS2021_00000/"', repr(str(cohort / "BraTS2021_00000")))
+    code = code.replace('"segmentations/"', repr(str(tmp_path / "out")))
+    namespace: dict = {}
+    exec(compile(code, "docs/api.md", "exec"), namespace)
+    assert (tmp_path / "out" / "BraTS2021_00000.nii.gz").is_file()
