@@ -22,6 +22,7 @@ from anofpdm_monai.io import InputError
 
 LOGGER_NAME = "anofpdm"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_ACTIVE: list[str] = []  # the verbs whose verb_logging is open (log_to_file attaches only inside one)
 
 
 def get_logger() -> logging.Logger:
@@ -56,11 +57,15 @@ class ConsoleHandler(logging.Handler):
 def log_to_file(folder: str | Path, verb: str) -> Path:
     """Append this run's messages to ``FOLDER/VERB.log`` too (until the verb's :func:`verb_logging` ends).
 
+    Outside :func:`verb_logging` (a verb's ``run`` called from Python) it attaches nothing.
+
     Raises:
         InputError: the folder cannot be written.
     """
     path = Path(folder) / f"{verb}.log"
     logger = get_logger()
+    if not _ACTIVE:  # outside a verb (a verb's run() called from Python): no handler that nobody would remove
+        return path
     if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in logger.handlers):
         return path
     try:
@@ -99,9 +104,11 @@ def verb_logging(verb: str) -> Iterator[logging.Logger]:
             logger.warning(text)
 
     warnings.showwarning = show
+    _ACTIVE.append(verb)
     try:
         yield logger
     finally:
+        _ACTIVE.pop()
         warnings.showwarning = before[3]
         for handler in list(logger.handlers):
             logger.removeHandler(handler)

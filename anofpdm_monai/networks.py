@@ -89,6 +89,8 @@ def resolve_device(name: str) -> torch.device:
         raise InputError(f"device={name!r}: choose 'auto', 'cpu', 'cuda' or 'cuda:N'", arguments="device")
     if match is not None:
         index, count = int(match.group(1) or 0), torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device={name!r}: no CUDA GPU is available; use 'cpu' or 'auto'", arguments="device")
         if index >= count:
             raise InputError(f"device={name!r}: {count} CUDA GPU(s) available here; use 'cpu', 'auto' or a GPU below {count}",
                              arguments="device")  # fmt: skip

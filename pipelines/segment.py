@@ -78,5 +78,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             log.info(f"{outcome.case_id}: {outcome.summary} -> {out_dir / (outcome.case_id + '.nii.gz')}")
     if failed:
-        log.error(f"{failed} of {len(records)} cases failed (see above)")
+        log.error(f"anofpdm segment: {failed} of {len(records)} cases failed (see above)", extra={"bare": True})
     return 1 if failed else 0

@@ -52,9 +52,9 @@ def main() -> None:
         built.append(network)
         return network
 
-    def recording_save(model_dir, config, model, ema, optimizer, step, log_rows):
+    def recording_save(model_dir, config, model, ema, optimizer, step, *rest):
         saves.append(int(step))
-        save_checkpoint(model_dir, config, model, ema, optimizer, step, log_rows)
+        save_checkpoint(model_dir, config, model, ema, optimizer, step, *rest)
 
     training.build_network = recording_build
     training.save_checkpoint = recording_save

@@ -132,7 +132,7 @@ def test_monai_bundle_run_writes_the_masks_of_segment(bundle, tiny_model, one_ca
     assert done.returncode == 0, done.stderr[-3000:]
     written = sorted(p.name for p in segment_out.glob("*.nii.gz"))
     assert len(written) == 2 and sorted(p.name for p in bundle_out.glob("*.nii.gz")) == written
-    assert np.asanyarray(nib.load(next(segment_out.glob("*_anomaly.nii.gz")).dataobj)).any()  # a map to compare
+    assert np.asanyarray(nib.load(next(segment_out.glob("*_anomaly.nii.gz"))).dataobj).any()  # a map to compare
     for name in written:
         ours, theirs = nib.load(bundle_out / name), nib.load(segment_out / name)
         assert np.array_equal(ours.affine, theirs.affine)

@@ -81,7 +81,11 @@ def test_resolve_device(monkeypatch):
     with pytest.raises(InputError, match="^device='tpu': choose"):
         networks.resolve_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert networks.resolve_device("auto") == torch.device("cuda") == networks.resolve_device("cuda")
+    assert networks.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(InputError, match="^device='cuda:2': 2 CUDA GPU"):
+        networks.resolve_device("cuda:2")
 
 
 def save_folder(folder, network: torch.nn.Module, config: ModelConfig):

@@ -362,7 +362,7 @@ def test_model_pt_is_weights_only(micro_model):
     network, config = load_model_folder(micro_model)
     assert config.network.preset == "micro" and not network.training
     assert all(torch.equal(network.state_dict()[k], state[k]) for k in state)
-    assert set(os.listdir(micro_model)) == {"config.json", "model.pt", "train_state.pt", "log.csv"}
+    assert set(os.listdir(micro_model)) == {"config.json", "model.pt", "train_state.pt", "log.csv", "training.json"}
 
 
 def test_pickled_objects_are_refused(tmp_path, micro_model):
@@ -414,7 +414,7 @@ def test_two_process_gloo_run(micro_store, tmp_path):
     assert r0["model"] == r1["model"] and r0["ema"] == r1["ema"]  # DDP kept the replicas identical
     assert r0["model"] != r0["ema"]
     assert r0["saves"] == [2, 4] and r1["saves"] == []  # only rank 0 writes
-    assert sorted(os.listdir(model_dir)) == ["config.json", "log.csv", "model.pt", "train_state.pt"]
+    assert sorted(os.listdir(model_dir)) == ["config.json", "log.csv", "model.pt", "train_state.pt", "training.json"]
     assert state_hash(torch.load(model_dir / "model.pt", weights_only=True)) == r0["ema"]
     assert pd.read_csv(model_dir / "log.csv")["step"].tolist() == [1, 2, 3, 4]
     # the second call (existing model, no --resume) failed on both ranks instead of hanging rank 1
