@@ -49,3 +49,23 @@ def tiny_model(brats_store: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     assert main(["calibrate", "-m", str(model), "-d", str(brats_store), "--n-val", "12", "--steps", "40",
                  "--stride", "20", "--w-grid", "1,2", "--batch-size", "12", "--device", "cpu"]) == 0  # fmt: skip
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_d1(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_model`` with D = 1 for every map channel (shared by tests about files and bookkeeping).
+
+    Three training steps leave the network's output layer near MONAI's zero initialisation, so the
+    calibrated D is ~1e-9 (or 0, which inference refuses) and the dynamic quantile hangs on the last
+    bits of dmax. This copy's dynamic threshold is well conditioned (quantile 0.98 throughout);
+    weights, config and thr_01 are the trained model's. Tests must not write into it.
+    """
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("model_d1") / "model"
+    shutil.copytree(tiny_model, folder)
+    calibration = json.loads((folder / "calibration.json").read_text())
+    calibration["D"] = [1.0] * len(calibration["D"])
+    (folder / "calibration.json").write_text(json.dumps(calibration))
+    return folder

@@ -31,21 +31,9 @@ CHEAP = ("--methods", "anofpdm-ddim,anofpdm-ddim-last,threshold")
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny_model`` with D = 1 for both map channels.
-
-    Three training steps leave the network's output layer near MONAI's zero initialisation, so the
-    calibrated D is ~1e-9 (or 0, which inference refuses) and the dynamic quantile hangs on the last
-    bits of dmax. These tests are about files and bookkeeping, so they use a copy whose dynamic
-    threshold is well conditioned (quantile 0.98 throughout); weights, config and thr_01 are the
-    trained model's.
-    """
-    folder = tmp_path_factory.mktemp("evaluate_model") / "model"
-    shutil.copytree(tiny_model, folder)
-    calibration = json.loads((folder / "calibration.json").read_text())
-    calibration["D"] = [1.0] * len(calibration["D"])
-    (folder / "calibration.json").write_text(json.dumps(calibration))
-    return folder
+def model(tiny_model_d1: Path) -> Path:
+    """``tiny_model`` with D = 1 (conftest.py says why)."""
+    return tiny_model_d1
 
 
 def evaluate(*args) -> int:

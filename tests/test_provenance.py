@@ -23,7 +23,6 @@ from anofpdm_monai.networks import use_bf16
 from anofpdm_monai.provenance import check_continuation, run_record, write_run_record
 from pipelines.cli import VERBS, build_parser, main
 
-
 CPU_PRECISION = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"  # what --precision auto resolves to here
 
 
@@ -178,14 +177,8 @@ def test_preprocess_records_its_settings(brats_store):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny_model`` with D = 1 (a well-conditioned dynamic threshold; see tests/test_evaluate.py)."""
-    folder = tmp_path_factory.mktemp("provenance_model") / "model"
-    shutil.copytree(tiny_model, folder)
-    calibration = json.loads((folder / "calibration.json").read_text())
-    calibration["D"] = [1.0] * len(calibration["D"])
-    (folder / "calibration.json").write_text(json.dumps(calibration))
-    return folder
+def model(tiny_model_d1: Path) -> Path:
+    return tiny_model_d1
 
 
 def evaluate(model: Path, store: Path, out: Path, *flags) -> int:

@@ -34,14 +34,8 @@ METHODS = "anofpdm-ddim,anofpdm-ddim-volume,threshold"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny_model`` with D = 1 (see test_evaluate.py's fixture of the same name)."""
-    folder = tmp_path_factory.mktemp("report_model") / "model"
-    shutil.copytree(tiny_model, folder)
-    calibration = json.loads((folder / "calibration.json").read_text())
-    calibration["D"] = [1.0] * len(calibration["D"])
-    (folder / "calibration.json").write_text(json.dumps(calibration))
-    return folder
+def model(tiny_model_d1: Path) -> Path:
+    return tiny_model_d1
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -231,14 +230,8 @@ def test_a_prediction_off_the_label_grid_is_refused(label_folder, tmp_path, caps
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny_model`` with D = 1 (as in test_evaluate.py: a well-conditioned dynamic threshold)."""
-    folder = tmp_path_factory.mktemp("scoring_model") / "model"
-    shutil.copytree(tiny_model, folder)
-    calibration = json.loads((folder / "calibration.json").read_text())
-    calibration["D"] = [1.0] * len(calibration["D"])
-    (folder / "calibration.json").write_text(json.dumps(calibration))
-    return folder
+def model(tiny_model_d1: Path) -> Path:
+    return tiny_model_d1
 
 
 @pytest.fixture(scope="module")
