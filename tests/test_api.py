@@ -138,3 +138,24 @@ def test_docs_api_example_runs(model, cohort, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "docs/api.md", "exec"), namespace)
     assert (tmp_path / "out" / "BraTS2021_00000.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_segment_records_keeps_order_and_goes_on_after_a_bad_case(model, cohort, tmp_path, monkeypatch, overlap):
+    """Both loops (threads or one step after the other) yield every case in order; a broken case is an error outcome."""
+    from anofpdm_monai.api import segment_records
+    from anofpdm_monai.readers import records_for_inference
+
+    use_oracle(monkeypatch, w=1.0)
+    records = records_for_inference([cohort])
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a NIfTI file")
+    bad = type(records[0])("BAD", {name: broken for name in records[0].channels})
+    order = [records[0], bad, *records[1:]]
+    inferer = VolumeInferer(model, device="cpu", precision="fp32")
+    outcomes = list(segment_records(inferer, order, tmp_path / "out", keep_results=False, overlap=overlap))
+    assert [o.case_id for o in outcomes] == [r.case_id for r in order]
+    assert [o.error is not None for o in outcomes] == [False, True, False, False]
+    assert "broken.nii.gz" in str(outcomes[1].error)
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
+    assert written == sorted(f"{r.case_id}{s}.nii.gz" for r in records for s in ("", "_anomaly"))
