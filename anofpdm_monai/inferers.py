@@ -234,7 +234,6 @@ class VolumeResult:
         slices: per-slice outputs for the brain slices.
         mask: (X, Y, Z) uint8 mask on the input grid.
         anomaly: (X, Y, Z) float32 anomaly map on the input grid.
-        brain: (X, Y, Z) bool, the input's brain: its nonzero voxels (skull-stripped inputs have a zero background).
         seconds: wall time of preprocessing and inference.
     """
 
@@ -242,7 +241,6 @@ class VolumeResult:
     slices: SegmentationResult
     mask: np.ndarray
     anomaly: np.ndarray
-    brain: np.ndarray
     seconds: float
 
     @property
@@ -256,7 +254,14 @@ class VolumeResult:
             raise ValueError(f"save_anomaly={save_anomaly!r}: choose one of {', '.join(SAVE_ANOMALY)}")
         if save_anomaly == "none":
             return None
-        return self.anomaly if save_anomaly == "full" else np.where(self.brain, self.anomaly, 0).astype(np.float32)
+        return self.anomaly if save_anomaly == "full" else np.where(self.brain(), self.anomaly, 0).astype(np.float32)
+
+    def brain(self) -> np.ndarray:
+        """(X, Y, Z) bool, the input's brain: its nonzero voxels (skull-stripped inputs have a zero background).
+
+        Read from the first channel file when asked (only the masked map needs it)."""
+        reference = np.asarray(nib.load(str(self.case.geometry.reference)).dataobj)
+        return (reference != 0).reshape(self.mask.shape)
 
 
 class VolumeInferer(Inferer):
@@ -336,8 +341,7 @@ class VolumeInferer(Inferer):
         if self.settings.keep_3d_components > 0:
             mask = remove_small_3d_components(mask, self.settings.keep_3d_components)
         anomaly = slices_to_volume(slices.maps, case.geometry, "map")
-        brain = (np.asarray(nib.load(str(case.geometry.reference)).dataobj) != 0).reshape(mask.shape)
-        return VolumeResult(case, slices, mask, anomaly, brain, seconds)
+        return VolumeResult(case, slices, mask, anomaly, seconds)
 
     @staticmethod
     def write(result: VolumeResult, out_dir: str | Path, case_id: str, save_png: bool = False, save_anomaly: str = "masked") -> list[Path]:

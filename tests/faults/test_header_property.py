@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import tempfile
 from pathlib import Path
 
@@ -28,9 +27,10 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_segment import BRATS, make_model, phantom  # noqa: E402
+from test_segment import rotation as rotation_matrix  # noqa: E402
 
 from pipelines.cli import main  # noqa: E402
-from test_segment import BRATS, make_model, phantom  # noqa: E402
 
 CASE = "case"
 DTYPES = (np.uint8, np.int16, np.float32, np.float64)
@@ -42,14 +42,6 @@ def micro_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---------------------------------------------------------------- strategies
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 @st.composite
@@ -67,7 +59,7 @@ def headers(draw) -> dict:
         shear[0, 1], shear[0, 2], shear[1, 2] = (draw(st.floats(-0.5, 0.5)) for _ in range(3))
     rotation = np.eye(3)
     for axis in range(3):
-        rotation = _rotation(axis, draw(st.floats(-180.0, 180.0))) @ rotation
+        rotation = rotation_matrix(axis, draw(st.floats(-180.0, 180.0))) @ rotation
     affine = np.eye(4)
     affine[:3, :3] = rotation @ shear @ linear
     affine[:3, 3] = [draw(st.floats(-120.0, 120.0)) for _ in range(3)]
