@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 from monai.networks.schedulers import DDPMScheduler
 
 from anofpdm_monai.config import DiffusionConfig, ModelConfig, NetworkConfig, check_register_to
@@ -43,6 +44,30 @@ def network_arguments(cfg: NetworkConfig) -> dict:
 def build_network(cfg: NetworkConfig) -> DiffusionModelUNet:
     """Build the 2-D epsilon-predicting UNet of ``cfg`` (:func:`network_arguments`)."""
     return DiffusionModelUNet(**network_arguments(cfg))
+
+
+def classifier_arguments(cfg: NetworkConfig) -> dict:
+    """The arguments of MONAI's ``DiffusionModelEncoder`` for the noise-conditional healthy/unhealthy
+    classifier of classifier guidance (Wolleb et al. 2022): the UNet's encoder widths of ``cfg`` plus one
+    more level at the last width, so the flattened features before the classifier head stay small
+    ((S / 2^levels)^2 x width: 4 x 4 x 64 for the tiny preset), and two outputs (logits of HEALTHY, UNHEALTHY)."""
+    return dict(
+        spatial_dims=2,
+        in_channels=cfg.in_channels,
+        out_channels=2,
+        input_shape=(cfg.image_size, cfg.image_size),
+        channels=[*cfg.channels, cfg.channels[-1]],
+        attention_levels=[*cfg.attention_levels, cfg.attention_levels[-1]],
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def build_classifier(cfg: NetworkConfig) -> DiffusionModelEncoder:
+    """Build the noise-conditional classifier of ``cfg`` (:func:`classifier_arguments`): ``(x_t (N, C, S, S),
+    timesteps (N,)) -> (N, 2)`` logits, index ``HEALTHY`` and ``UNHEALTHY``."""
+    return DiffusionModelEncoder(**classifier_arguments(cfg))
 
 
 def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:

@@ -1,4 +1,5 @@
-"""Classifier-free-guided DDPM training (ALGORITHM.md section 2), single process or DDP.
+"""Training, single process or DDP: AnoFPDM's classifier-free-guided DDPM (ALGORITHM.md section 2) and
+the components the comparison systems of the paper's Table 1 need (:data:`RECIPES`).
 
 Data order, noise, timesteps and label drops are drawn from generators seeded by
 ``(seed, step, rank)``, so a run resumed from a checkpoint at step s continues exactly as the
@@ -25,10 +26,76 @@ from tqdm import tqdm
 from anofpdm_monai.config import DiffusionConfig, ModelConfig, network_preset
 from anofpdm_monai.data import PreprocessedStore, SliceDataset
 from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_torch_save, atomic_write_json, safe_torch_load
-from anofpdm_monai.networks import build_network, build_scheduler, drop_labels, load_weights, resolve_device
+from anofpdm_monai.networks import (
+    HEALTHY,
+    NULL,
+    build_classifier,
+    build_network,
+    build_scheduler,
+    drop_labels,
+    load_weights,
+    resolve_device,
+)
+from anofpdm_monai.noise import SIMPLEX_FREQUENCY, SIMPLEX_OCTAVES, SIMPLEX_PERSISTENCE, draw_noise
 
 LOG_COLUMNS = ["step", "loss", "lr", "wall_s"]
 TRAINING_FILE = "training.json"  # the training settings and steps done, beside config.json
+COMPONENT_FILE = "component.json"  # in a component's folder: which recipe made it (MODEL/baselines/NAME/)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one kind of training run learns.
+
+    Attributes:
+        name: the name ``--recipe`` takes.
+        network: ``"unet"`` (the epsilon-predicting UNet, :func:`build_network`) or ``"classifier"``
+            (the noise-conditional classifier, :func:`build_classifier`).
+        slices: ``"all"`` training slices or ``"healthy"`` ones only (image label healthy).
+        labels: ``"cfg"`` (classifier-free training: labels dropped to null with ``p_uncond``), ``"null"``
+            (an unconditional model: always the null label) or ``"target"`` (the labels are what a
+            classifier learns).
+        noise: ``"gaussian"`` or ``"simplex"`` (:mod:`anofpdm_monai.noise`).
+        description: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    network: str
+    slices: str
+    labels: str
+    noise: str
+    description: str
+
+    @property
+    def is_component(self) -> bool:
+        """Trains a component of another model (saved in ``MODEL/baselines/NAME/``), not an AnoFPDM model."""
+        return self.name != "anofpdm"
+
+    def component_record(self) -> dict:
+        """``component.json``: the recipe and, for simplex noise, its published parameters."""
+        record = {"recipe": self.name, "network": self.network, "slices": self.slices, "labels": self.labels, "noise": self.noise}
+        if self.noise == "simplex":
+            record["simplex"] = {"octaves": SIMPLEX_OCTAVES, "persistence": SIMPLEX_PERSISTENCE, "frequency": SIMPLEX_FREQUENCY}
+        return record
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("anofpdm", "unet", "all", "cfg", "gaussian", "AnoFPDM's classifier-free-guided DDPM on every slice (default)"),
+        Recipe("anoddpm-gaussian", "unet", "healthy", "null", "gaussian", "AnoDDPM's unconditional DDPM on healthy slices, Gaussian noise"),
+        Recipe("anoddpm-simplex", "unet", "healthy", "null", "simplex", "AnoDDPM's unconditional DDPM on healthy slices, simplex noise"),
+        Recipe("classifier", "classifier", "all", "target", "gaussian",
+               "the noise-conditional healthy/unhealthy classifier of classifier guidance (Wolleb et al.)"),
+    )
+}  # fmt: skip
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe ``name``; an InputError naming the argument otherwise."""
+    if name not in RECIPES:
+        raise InputError(f"recipe={name!r}: choose one of {', '.join(RECIPES)}", arguments="recipe")
+    return RECIPES[name]
 
 
 @dataclass
@@ -51,6 +118,7 @@ class TrainSettings:
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    recipe: str = "anofpdm"
 
 
 @dataclass
@@ -116,6 +184,13 @@ def prepare_model_dir(settings: TrainSettings, config: ModelConfig) -> None:
     if not settings.resume and (model_dir / "model.pt").exists():
         raise InputError(f"{model_dir}: already holds a model; continue it with resume, or choose another output folder", arguments="resume")
     if settings.resume:
+        saved_recipe = saved_recipe_name(model_dir)
+        if saved_recipe != settings.recipe:
+            raise InputError(
+                f"{model_dir}: the checkpoint was trained with recipe {saved_recipe!r}, this run asks for {settings.recipe!r}; "
+                "resume with the same recipe, or choose another output folder",
+                arguments="recipe",
+            )
         saved = ModelConfig.load(model_dir / "config.json")
         if saved.network != config.network:
             raise InputError(
@@ -123,6 +198,20 @@ def prepare_model_dir(settings: TrainSettings, config: ModelConfig) -> None:
                 f"{saved.network.in_channels} channels at {saved.network.image_size}px, this run asks for preset "
                 f"{config.network.preset!r} with {config.network.in_channels} channels at {config.network.image_size}px"
             )
+
+
+def saved_recipe_name(model_dir: Path) -> str:
+    """The recipe a model folder was trained with: its ``component.json``'s, else ``"anofpdm"``."""
+    path = Path(model_dir) / COMPONENT_FILE
+    if not path.is_file():
+        return "anofpdm"
+    from anofpdm_monai.io import read_json
+
+    record = read_json(path, "not a valid component record; retrain the component into a new folder")
+    name = record.get("recipe") if isinstance(record, dict) else None
+    if name not in RECIPES:
+        raise InputError(f"{path}: recipe {name!r} is unknown (known: {', '.join(RECIPES)}); retrain the component into a new folder")
+    return name
 
 
 def warm_start(source: Path, network_cfg, networks: tuple[torch.nn.Module, ...]) -> None:
@@ -160,6 +249,10 @@ def check_settings(settings: TrainSettings) -> None:
         raise InputError(f"ema={settings.ema} must lie in [0, 1]", arguments="ema")
     if not 0.0 <= settings.p_uncond <= 1.0:
         raise InputError(f"p_uncond={settings.p_uncond} must lie in [0, 1]", arguments="p_uncond")
+    recipe = get_recipe(settings.recipe)
+    if recipe.network == "classifier" and settings.init_from is not None:
+        raise InputError("init_from: the classifier is not the diffusion UNet and cannot start from a model's weights; "
+                         "train it from scratch", arguments="init_from")  # fmt: skip
 
 
 def run_settings(settings: TrainSettings, *, lr: float, max_t: int, total_steps: int, start_step: int,
@@ -175,7 +268,7 @@ def run_settings(settings: TrainSettings, *, lr: float, max_t: int, total_steps:
         "lr": lr, "batch_size": settings.batch_size, "seed": settings.seed, "ema": settings.ema,
         "p_uncond": settings.p_uncond, "max_train_timestep": max_t, "total_steps": total_steps,
         "checkpoint_every": settings.checkpoint_every, "world_size": world_size, "device": str(device),
-        "autocast": "bf16" if device.type == "cuda" else "fp32", "start_step": start_step,
+        "autocast": "bf16" if device.type == "cuda" else "fp32", "start_step": start_step, "recipe": settings.recipe,
     }  # fmt: skip
 
 
@@ -208,12 +301,14 @@ def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = Non
             process only (the CLI writes its run record and opens its log file there).
     """
     check_settings(settings)
+    recipe = get_recipe(settings.recipe)
     device = resolve_device(settings.device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = init_distributed(device)
     store = PreprocessedStore(settings.store)
     dataset = SliceDataset(store, "train")
+    pool = recipe_slices(dataset, recipe, settings.store)
     network_cfg = network_preset(settings.preset, store.num_channels)
     if store.config.image_size != network_cfg.image_size:
         raise InputError(
@@ -230,7 +325,7 @@ def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = Non
     total_steps = settings.steps
     if total_steps is None:
         epochs = settings.epochs if settings.epochs is not None else 1.0
-        total_steps = max(1, math.ceil(epochs * len(dataset) / settings.batch_size))
+        total_steps = max(1, math.ceil(epochs * len(pool) / settings.batch_size))
     error: InputError | None = None
     if dist_info.is_main:
         try:
@@ -249,8 +344,9 @@ def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = Non
         on_start(settings.model_dir)
 
     torch.manual_seed(settings.seed)
-    model = build_network(network_cfg).to(device)
-    ema = build_network(network_cfg).to(device)
+    build = build_classifier if recipe.network == "classifier" else build_network
+    model = build(network_cfg).to(device)
+    ema = build(network_cfg).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
@@ -274,23 +370,20 @@ def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = Non
     if dist_info.world_size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    local_batch = settings.batch_size // dist_info.world_size
+    class_weights = balanced_class_weights(dataset.labels[pool]).to(device) if recipe.labels == "target" else None
     elapsed0 = log_rows[-1]["wall_s"] if log_rows else 0.0
     t0 = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not (settings.progress and dist_info.is_main))
     model.train()
     while step < total_steps:
-        idx = batch_indices(step, settings.batch_size, len(dataset), settings.seed, dist_info)
+        idx = pool[batch_indices(step, settings.batch_size, len(pool), settings.seed, dist_info)]
         images = torch.stack([dataset[int(i)][0] for i in idx]).to(device)
         labels = torch.as_tensor(dataset.labels[idx], dtype=torch.long, device=device)
-        gen = torch.Generator(device="cpu").manual_seed(hash((settings.seed, step, dist_info.rank)) % (2**63))
-        noise = torch.randn(images.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, max_t, (local_batch,), generator=gen).to(device)
-        labels = drop_labels(labels.cpu(), settings.p_uncond, gen).to(device)
-        noisy = scheduler.add_noise(original_samples=images, noise=noise, timesteps=timesteps)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = wrapped(noisy, timesteps=timesteps, class_labels=labels)
-        loss = F.mse_loss(pred.float(), noise)
+        step_seed = hash((settings.seed, step, dist_info.rank)) % (2**63)
+        gen = torch.Generator(device="cpu").manual_seed(step_seed)
+        torch.manual_seed(step_seed)  # what draws from the global generator (the classifier head's dropout) resumes exactly too
+        loss = recipe_loss(recipe, wrapped, scheduler, images, labels, gen, max_t=max_t, p_uncond=settings.p_uncond,
+                           class_weights=class_weights)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -305,11 +398,70 @@ def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = Non
         bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
         if dist_info.is_main and (step % settings.checkpoint_every == 0 or step == total_steps):
-            save_checkpoint(settings.model_dir, config, model, ema, optimizer, step, log_rows, training_json(run, earlier, step))
+            save_checkpoint(settings.model_dir, config, model, ema, optimizer, step, log_rows, training_json(run, earlier, step),
+                            recipe.component_record() if recipe.is_component else None)  # fmt: skip
     bar.close()
     if dist_info.world_size > 1:
         dist.barrier()
     return settings.model_dir
+
+
+def recipe_slices(dataset: SliceDataset, recipe: Recipe, store: Path) -> np.ndarray:
+    """(M,) indices into ``dataset`` of the slices ``recipe`` trains on; an InputError when there are none."""
+    if recipe.slices == "all":
+        return np.arange(len(dataset))
+    pool = np.flatnonzero(dataset.labels == HEALTHY)
+    if pool.size == 0:
+        raise InputError(f"{store}: the training split holds no healthy slice, which recipe {recipe.name!r} trains on; "
+                         "preprocess a cohort with healthy slices")  # fmt: skip
+    return pool
+
+
+def balanced_class_weights(labels: np.ndarray) -> torch.Tensor:
+    """(2,) cross-entropy weights that give both classes (HEALTHY, UNHEALTHY) equal total weight."""
+    counts = np.bincount(labels.astype(np.int64), minlength=2)[:2].astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (2.0 * np.maximum(counts, 1.0)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def recipe_loss(
+    recipe: Recipe,
+    network: torch.nn.Module,
+    scheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    max_t: int,
+    p_uncond: float,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One batch's training loss under ``recipe``.
+
+    The noise (Gaussian or simplex), the timesteps (uniform below ``max_t``) and the label drops are drawn
+    from ``generator`` in that order. The UNet recipes regress the noise (MSE); the classifier learns
+    the image-level label of the noised slice (cross-entropy with ``class_weights``).
+
+    Args:
+        images: (B, C, S, S) clean slices in [-1, 1], on the training device.
+        labels: (B,) long image-level labels (HEALTHY / UNHEALTHY).
+    """
+    device = images.device
+    noise = draw_noise(recipe.noise, images.shape, generator).to(device)
+    timesteps = torch.randint(0, max_t, (images.shape[0],), generator=generator).to(device)
+    if recipe.labels == "cfg":
+        labels = drop_labels(labels.cpu(), p_uncond, generator).to(device)
+    elif recipe.labels == "null":
+        labels = torch.full_like(labels, NULL)
+    noisy = scheduler.add_noise(original_samples=images, noise=noise, timesteps=timesteps)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        if recipe.network == "classifier":
+            logits = network(noisy, timesteps=timesteps)
+        else:
+            pred = network(noisy, timesteps=timesteps, class_labels=labels)
+    if recipe.network == "classifier":
+        return F.cross_entropy(logits.float(), labels, weight=class_weights)
+    return F.mse_loss(pred.float(), noise)
 
 
 def save_checkpoint(
@@ -321,14 +473,17 @@ def save_checkpoint(
     step: int,
     log_rows: list[dict],
     training: dict | None = None,
+    component: dict | None = None,
 ) -> None:
-    """Write config.json, model.pt (EMA weights), training.json (when ``training`` is given), log.csv and
-    train_state.pt, each atomically.
+    """Write config.json, component.json (for a component, ``component``), model.pt (EMA weights),
+    training.json (when ``training`` is given), log.csv and train_state.pt, each atomically.
 
     train_state.pt comes last: whenever it exists, the files it is resumed with hold its step or a later one
     (a kill between two of these writes loses no log rows; resume drops rows past the checkpoint's step).
     """
     config.save(model_dir / "config.json")
+    if component is not None:
+        atomic_write_json(model_dir / COMPONENT_FILE, component)
     atomic_torch_save({k: v.detach().cpu() for k, v in ema.state_dict().items()}, model_dir / "model.pt")
     if training is not None:
         atomic_write_json(model_dir / TRAINING_FILE, training)

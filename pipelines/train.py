@@ -1,4 +1,5 @@
-"""``anofpdm train``: classifier-free-guided diffusion training on a preprocessed store.
+"""``anofpdm train``: classifier-free-guided diffusion training on a preprocessed store, or (``--recipe``)
+a component of the comparison systems (AnoDDPM's unconditional DDPMs, the guidance classifier).
 
 Runs as one process, or under ``torchrun --nproc-per-node N`` with DistributedDataParallel.
 """
@@ -11,13 +12,18 @@ from pathlib import Path
 from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.provenance import write_run_record
-from anofpdm_monai.training import TrainSettings, train
+from anofpdm_monai.training import RECIPES, TrainSettings, train
 from pipelines.options import record_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--data", required=True, help="preprocessed store (anofpdm preprocess)")
     parser.add_argument("-o", "--output", required=True, help="model folder to write")
+    parser.add_argument(
+        "--recipe", choices=list(RECIPES), default="anofpdm",
+        help="what to train: " + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
+        + ". A component goes into the main model's folder as -o MODEL/baselines/RECIPE (docs/baselines.md)",
+    )  # fmt: skip
     parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="network size (docs/training.md)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps in total (resume counts on)")
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         init_from=None if args.init_from is None else resolve_model_dir(args.init_from),
         device=args.device,
         seed=args.seed,
+        recipe=args.recipe,
     )
 
     def on_start(model_dir: Path) -> None:  # the folder is checked: record the run there and log into it
