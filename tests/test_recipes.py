@@ -150,3 +150,43 @@ def test_recipe_refusals(micro_store, tmp_path):
     with pytest.raises(InputError, match="classifier is not the diffusion UNet") as err:
         train(settings(micro_store, tmp_path / "m3", recipe="classifier", init_from=tmp_path))
     assert err.value.arguments == ("init_from",)
+
+
+# ---------------------------------------------------------------------------
+# Components in a model folder
+# ---------------------------------------------------------------------------
+
+
+def test_load_component_finds_checks_and_names_the_command(micro_store, tmp_path):
+    from anofpdm_monai.components import component_dir, load_component
+    from anofpdm_monai.config import ModelConfig
+
+    main = train(settings(micro_store, tmp_path / "model"))
+    config = ModelConfig.load(main / "config.json")
+    with pytest.raises(InputError, match=r"no classifier component.*anofpdm train --recipe classifier -d STORE -o .*baselines/classifier`"):
+        load_component(main, "classifier", config)
+    train(settings(micro_store, component_dir(main, "classifier"), recipe="classifier"))
+    train(settings(micro_store, component_dir(main, "anoddpm-gaussian"), recipe="anoddpm-gaussian", init_from=main))
+    classifier = load_component(main, "classifier", config)
+    logits = classifier.network(torch.zeros(3, 2, 16, 16), torch.tensor([0, 5, 9]))
+    assert logits.shape == (3, 2) and len(classifier.sha256) == 64
+    ddpm = load_component(main, "anoddpm-gaussian", config)
+    eps = ddpm.noise_predictor("fp32")(torch.zeros(2, 2, 16, 16), torch.tensor([1, 2]), torch.full((2,), NULL))
+    assert eps.shape == (2, 2, 16, 16)
+    with pytest.raises(TypeError, match="not a noise predictor"):
+        classifier.noise_predictor()
+    # a folder holding another recipe's model, and a component trained on another chain, are refused
+    import shutil
+
+    shutil.copytree(component_dir(main, "classifier"), component_dir(main, "anoddpm-simplex"))
+    with pytest.raises(InputError, match="trained with recipe 'classifier', not 'anoddpm-simplex'"):
+        load_component(main, "anoddpm-simplex", config)
+    other = dataclasses_replace_preprocess(config, percentile=98.0)
+    with pytest.raises(InputError, match="another preprocessing chain"):
+        load_component(main, "classifier", other)
+
+
+def dataclasses_replace_preprocess(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **changes))
