@@ -6,12 +6,12 @@
 
 :func:`segment_records` is the cohort loop both use: cases are loaded (read + preprocessed) one
 ahead in a thread and written in another while the network runs on the current case, like
-nnU-Net's predictor; :func:`shard` splits a cohort between processes (``--num-parts``/``torchrun``).
+nnU-Net's predictor; :func:`~anofpdm_monai.distributed.shard` splits a cohort between processes
+(``--num-parts``/``torchrun``).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = ["CaseOutcome", "CaseSegmentation", "resolve_parts", "segment", "segment_records", "shard"]
+
 import nibabel as nib
 import numpy as np
 import torch
 
+from anofpdm_monai.distributed import resolve_parts, shard
 from anofpdm_monai.inferers import VolumeInferer, VolumeResult
 from anofpdm_monai.io import InputError, image_like
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings
@@ -80,21 +83,6 @@ def channel_order(record: CaseRecord, names: Sequence[str]) -> list[Path]:
     if set(record.channels) == set(names):
         return [record.channels[name] for name in names]
     return list(record.channels.values())
-
-
-def resolve_parts(num_parts: int = 1, part_id: int = 0) -> tuple[int, int]:
-    """``(num_parts, part_id)``: from ``torchrun`` (``WORLD_SIZE``/``RANK``) when it started this process, else as given."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        return world, int(os.environ.get("RANK", "0"))
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise ValueError(f"part_id={part_id} must lie in [0, num_parts={num_parts}) and num_parts >= 1")
-    return num_parts, part_id
-
-
-def shard(items: Sequence[Any], num_parts: int, part_id: int) -> list[Any]:
-    """Part ``part_id`` of ``num_parts`` round-robin parts of ``items`` (the parts are disjoint and cover all)."""
-    return list(items[part_id::num_parts])
 
 
 def segment_records(

@@ -16,6 +16,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 from monai.networks.schedulers import DDPMScheduler
 
 from anofpdm_monai.config import DiffusionConfig, ModelConfig, NetworkConfig, check_register_to
+from anofpdm_monai.distributed import rank_device
 from anofpdm_monai.io import InputError, safe_torch_load
 
 HEALTHY = 0
@@ -106,9 +107,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` or ``cuda:N`` must name an available GPU."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` or ``cuda:N`` must name an available GPU.
+
+    Under ``torchrun``, ``auto`` and ``cuda`` give each rank its own GPU, ``cuda:LOCAL_RANK``
+    (:func:`anofpdm_monai.distributed.rank_device`).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if name != "cpu" and match is None:
         raise InputError(f"device={name!r}: choose 'auto', 'cpu', 'cuda' or 'cuda:N'", arguments="device")
@@ -119,7 +124,7 @@ def resolve_device(name: str) -> torch.device:
         if index >= count:
             raise InputError(f"device={name!r}: {count} CUDA GPU(s) available here; use 'cpu', 'auto' or a GPU below {count}",
                              arguments="device")  # fmt: skip
-    return torch.device(name)
+    return rank_device(torch.device(name))
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -1,0 +1,61 @@
+"""The one rank / world size / device helper of train, evaluate and segment (anofpdm_monai.distributed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anofpdm_monai import distributed
+from anofpdm_monai.distributed import ProcessRank, process_rank, rank_device, resolve_parts, shard
+from anofpdm_monai.io import InputError
+from anofpdm_monai.networks import resolve_device
+
+
+def test_a_lone_process_is_rank_0_of_1():
+    assert process_rank({}) == ProcessRank(0, 1, 0) and not process_rank({}).distributed
+    assert process_rank({"RANK": "2", "WORLD_SIZE": "4"}) == ProcessRank(2, 4, 2)  # LOCAL_RANK defaults to RANK
+    assert process_rank({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == ProcessRank(3, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "environ, variable",
+    [({"RANK": "one"}, "RANK"), ({"WORLD_SIZE": "2.5"}, "WORLD_SIZE"), ({"LOCAL_RANK": "-1"}, "LOCAL_RANK"),
+     ({"RANK": "-2", "WORLD_SIZE": "4"}, "RANK"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE"), ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK")],
+)  # fmt: skip
+def test_bad_rank_variables_are_one_line_naming_the_variable(environ, variable):
+    with pytest.raises(InputError, match=rf"^environment variable {variable}=") as err:
+        process_rank(environ)
+    assert "\n" not in str(err.value)
+
+
+def test_resolve_device_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(InputError, match="environment variable RANK='x'"):
+        resolve_device("cpu")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_device("cpu") == torch.device("cpu")  # ranks on the CPU share it
+
+
+def test_each_rank_gets_its_own_gpu(monkeypatch):
+    """On CUDA a device without an index becomes cuda:LOCAL_RANK per rank (mocked GPUs: 4 visible)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    cuda = torch.device("cuda")
+    assert rank_device(cuda, ProcessRank(5, 8, 1)) == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert rank_device(cuda, ProcessRank(0, 1, 0)) == cuda  # one process: as given
+    assert rank_device(torch.device("cuda", 3), ProcessRank(1, 2, 1)) == torch.device("cuda", 3)  # an explicit index is kept
+    with pytest.raises(InputError, match="LOCAL_RANK=4 names a GPU this machine does not have"):
+        rank_device(cuda, ProcessRank(4, 8, 4))
+
+
+def test_parts_come_from_torchrun_or_from_the_arguments():
+    assert resolve_parts(1, 0, ProcessRank(2, 3, 2)) == (3, 2)
+    assert resolve_parts(4, 1, ProcessRank()) == (4, 1)
+    with pytest.raises(InputError, match=r"part_id=4 must lie in \[0, num_parts=4\)") as err:
+        resolve_parts(4, 4, ProcessRank())
+    assert err.value.arguments == ("part_id", "num_parts")
+    parts = [shard(list(range(7)), 3, p) for p in range(3)]
+    assert sorted(sum(parts, [])) == list(range(7)) and parts[0] == [0, 3, 6]
+    assert distributed.barrier(ProcessRank()) is None  # one process: no group, no wait
