@@ -11,6 +11,9 @@
 * :func:`tune_pixel_threshold`: the threshold such reconstruction baselines
   binarise their maps with, tuned on validation maps with pixel labels (flag
   their Table-1 rows ``uses_pixel_labels``).
+
+Registers the methods ``ddib`` (a :class:`~anofpdm_monai.methods.ReconstructionMethod` tuned over
+depth and w, plus its threshold) and ``threshold`` (the oracle) in :mod:`anofpdm_monai.methods`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from anofpdm_monai.forward_process import ddim_step, predicted_x0
 from anofpdm_monai.guidance import EpsPredictor, guided_eps, predict_cond_and_null
+from anofpdm_monai.methods import MapsResult, MethodContext, ReconstructionMethod, ThresholdMethod, register
 from anofpdm_monai.networks import HEALTHY, NULL
 
 Direction = Literal["high", "low", "best"]
@@ -279,3 +283,37 @@ def ddib_reconstruction(
     channels = list(map_channels)
     maps = (x0[:, channels].float() - x[:, channels]).pow(2).mean(dim=1)
     return DDIBResult(maps=maps, reconstruction=x, network_calls=calls)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+DDIB_DEPTHS = (200, 400)
+
+
+def ddib_maps(context: MethodContext, x0: torch.Tensor, seeds: Sequence[int], params: dict) -> MapsResult:
+    """The ``ddib`` method's maps hook: :func:`ddib_reconstruction` at ``params`` ``depth`` and ``w`` on the
+    main model, at the run's stride (else the DDIM calibration's) on the calibration's map channels
+    (deterministic: ``seeds`` are not used)."""
+    calibration = context.calibration("ddim")
+    result = ddib_reconstruction(
+        context.noise_predictor(), x0, context.model.alphas_cumprod.to(x0.device), depth=int(params["depth"]),
+        w=float(params["w"]), stride=context.stride, map_channels=calibration.map_channel_indices,
+    )  # fmt: skip
+    return MapsResult(result.maps, result.network_calls)
+
+
+def ddib_grid(context: MethodContext) -> dict[str, list]:
+    """``ddib``'s default tuning grid: depth in :data:`DDIB_DEPTHS`, w in {1, the DDIM calibration's w*}."""
+    return {"depth": list(DDIB_DEPTHS), "w": sorted({1.0, float(context.calibration("ddim").w)})}
+
+
+register(ReconstructionMethod(
+    "ddib", "DDIB-style classifier-free reconstruction on the same model", maps=ddib_maps, grid=ddib_grid,
+    footnote="ddib's depth, w and threshold are tuned on validation masks",
+))  # fmt: skip
+register(ThresholdMethod(
+    "threshold", "the oracle intensity threshold of the map channels' mean",
+    footnote="threshold is the oracle intensity cut, tuned on the evaluated slices themselves (an upper bound)",
+))  # fmt: skip

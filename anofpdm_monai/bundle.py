@@ -30,10 +30,9 @@ import torch
 
 from anofpdm_monai import __version__
 from anofpdm_monai.bundled import BUNDLED_MODELS, resolve_model_dir
-from anofpdm_monai.config import ModelConfig
+from anofpdm_monai.config import TRAINING_SETTINGS_FILE, ModelConfig
 from anofpdm_monai.io import InputError, atomic_write_json, atomic_write_text
-from anofpdm_monai.methods import anofpdm_methods
-from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, calibration_path, load_calibration
+from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods, calibration_path
 from anofpdm_monai.networks import load_model_folder, network_arguments
 
 BUNDLE_VERSION = "0.1.0"
@@ -41,7 +40,7 @@ META_SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/d
 LICENSE = "Apache-2.0"
 # files of a model folder the bundle carries under models/ (calibration*.json are added when present)
 MODEL_FILES = ("config.json", "model.pt")
-OPTIONAL_MODEL_FILES = ("training.json",)
+OPTIONAL_MODEL_FILES = (TRAINING_SETTINGS_FILE,)
 PHANTOM_DATA = (
     "a synthetic phantom cohort written by `anofpdm phantom` from the MNI152 template shipped with nilearn "
     "(tumours, MS-like lesions and faint infiltrative regions drawn into healthy anatomy); no real patient data "
@@ -148,23 +147,11 @@ def write_bundle(root: Path, folder: Path, config: ModelConfig, data_source: str
     carried = [folder / n for n in MODEL_FILES + OPTIONAL_MODEL_FILES if (folder / n).is_file()] + calibration_files(folder)
     for path in carried:
         shutil.copyfile(path, models / path.name)
-    methods = supported_methods(folder)
+    methods = available_methods(folder, kinds=("anofpdm",))
     atomic_write_json(root / "configs" / "inference.json", inference_config(config))
     atomic_write_json(root / "configs" / "metadata.json", bundle_metadata(config, data_source, version, methods))
     atomic_write_text(root / "docs" / "README.md", bundle_readme(config, data_source, methods))
     atomic_write_text(root / "docs" / "license.txt", f"{LICENSE}: https://www.apache.org/licenses/LICENSE-2.0\n")
-
-
-def supported_methods(folder: Path) -> list[str]:
-    """The AnoFPDM methods the folder's calibrations support (the -volume ones need a volume section)."""
-    found = []
-    for method, (encoding, variant) in anofpdm_methods().items():
-        if not calibration_path(folder, encoding).is_file():
-            continue
-        if variant == "volume" and load_calibration(folder, encoding).volume is None:
-            continue
-        found.append(method)
-    return found
 
 
 def inference_config(config: ModelConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -29,17 +30,31 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anofpdm_monai.forward_process import INVERSIONS, run_forward_process, visited_timesteps
+from anofpdm_monai.forward_process import ENCODINGS, INVERSIONS, run_forward_process, visited_timesteps
 from anofpdm_monai.guidance import EpsPredictor
-from anofpdm_monai.io import InputError, atomic_write_bytes, json_text
+from anofpdm_monai.io import InputError, atomic_write_bytes, check_schema_version, json_text
+from anofpdm_monai.methods import calibration_sections
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.segmentation import health_similarity
 
 THRESHOLD_QUANTILES = np.linspace(0.005, 0.095, 100)
-ENCODINGS = ("ddim", "ddpm")
 ACCURACY_FRACTION = 0.99
 PRECISIONS_RUN = ("fp32", "bf16")  # what --precision auto resolves to
 CURVES_PER_CLASS = 3
+SCHEMA_VERSION = 2
+"""Version of ``calibration.json``: 1 (no ``schema_version`` key) had no sections registry; 2 adds the key."""
+
+
+def migrate(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """A ``calibration.json`` object of any older version as the current one (the one place files are migrated).
+
+    Raises:
+        InputError: the file is of a newer version than this release reads (the message names both).
+    """
+    version = check_schema_version(data, SCHEMA_VERSION, source)
+    if version < 2:  # version 1 wrote the volume family as "volume" (null when absent), as version 2 does
+        data["schema_version"] = SCHEMA_VERSION
+    return data
 
 
 @dataclass
@@ -67,9 +82,11 @@ class Calibration:
         inversion: DDIM inversion variant used (``"reference"`` or ``"monai"``).
         precision: network precision the calibration ran at (``"fp32"`` or ``"bf16"``), or None when
             unknown (calibrations made before it was recorded, or a predictor that does not say).
-        volume: the volume family's decisions at the same N, k and w
-            (:class:`anofpdm_monai.volume_mode.VolumeCalibration` as a dict), or None when the
-            calibration was made without ``--volume`` (the paper family only).
+        sections: the decision families' own calibrations at the same N, k and w, typed, by their
+            key in the file (:func:`anofpdm_monai.methods.calibration_sections`; e.g. ``"volume"``:
+            :class:`anofpdm_monai.volume_mode.VolumeCalibration`); a family whose section is absent
+            cannot run (the paper family needs none). Read with :meth:`section`.
+        schema_version: the file format's version (:data:`SCHEMA_VERSION`); files without one are version 1.
     """
 
     w: float
@@ -91,14 +108,44 @@ class Calibration:
     include_end_step: bool = True
     inversion: str = "reference"
     precision: str | None = None
-    volume: dict[str, Any] | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def section(self, name: str) -> Any | None:
+        """The typed calibration section ``name`` (e.g. ``"volume"``), or None when the calibration has none."""
+        return self.sections.get(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON object of ``calibration.json``: the fields, each section under its own key."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        data = json.loads(json.dumps(data))  # plain copies of the lists
+        data.update({name: section.to_dict() for name, section in self.sections.items()})
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "calibration.json") -> Calibration:
+        """A calibration from the object :meth:`to_dict` writes (older versions migrated, see :func:`migrate`).
+
+        Raises:
+            InputError: a newer schema version, an unknown or missing field or an invalid section (naming ``source``).
+        """
+        fix = "rerun `anofpdm calibrate -m MODEL_DIR -d PREP` to recreate it"
+        data = migrate(dict(data), source)
+        registered = calibration_sections()
+        fields = {f.name for f in dataclasses.fields(cls) if f.name != "sections"}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        unknown, missing = sorted(set(data) - fields - set(registered)), sorted(required - set(data))
+        if unknown or missing:
+            detail = f"unknown field(s) {unknown}" if unknown else f"missing field(s) {missing}"
+            raise InputError(f"{source}: not a valid anofpdm calibration: {detail}; {fix}")
+        sections = {}
+        for name, entry in registered.items():
+            if data.get(name) is not None:
+                try:
+                    sections[name] = entry.type.from_dict(data[name])
+                except (TypeError, ValueError) as err:
+                    raise InputError(f"{source}: the {name!r} section is not valid ({err}); {entry.missing}") from None
+        return cls(**{k: v for k, v in data.items() if k in fields}, sections=sections)
 
     def check(self) -> None:
         """Check every field's type, range and finiteness; a ValueError starts with the field's name."""
@@ -159,13 +206,7 @@ class Calibration:
         data = read_json(path, f"not a valid anofpdm calibration; {fix}")
         if not isinstance(data, dict):
             raise InputError(f"{path}: not a valid anofpdm calibration: holds a {type(data).__name__}, not an object; {fix}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-        unknown, missing = sorted(set(data) - known), sorted(required - set(data))
-        if unknown or missing:
-            detail = f"unknown field(s) {unknown}" if unknown else f"missing field(s) {missing}"
-            raise InputError(f"{path}: not a valid anofpdm calibration: {detail}; {fix}")
-        calibration = cls.from_dict(data)
+        calibration = cls.from_dict(data, path)
         try:
             calibration.check()
         except ValueError as err:

@@ -197,6 +197,12 @@ class PreprocessConfig:
         return tuple(self.channel_names.index(m) for m in self.map_channels)
 
 
+TRAINING_SETTINGS_FILE = "training.json"
+"""The training settings and steps done, beside ``config.json`` (written by training, read by the model)."""
+CONFIG_SCHEMA_VERSION = 2
+"""Version of ``config.json``: 1 had no ``schema_version`` key (same sections); 2 writes it."""
+
+
 @dataclass
 class ModelConfig:
     """Everything saved as ``config.json`` beside the weights of a trained model."""
@@ -206,11 +212,14 @@ class ModelConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The object of ``config.json``: the three sections and the file's ``schema_version``."""
+        return {**dataclasses.asdict(self), "schema_version": CONFIG_SCHEMA_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build and check every section; a ValueError names the field as ``section.field``."""
+        """Build and check every section; a ValueError names the field as ``section.field``.
+
+        ``schema_version`` is not checked here (:meth:`load` does, naming the file)."""
         if not isinstance(data, dict):
             raise ValueError(f"holds a {type(data).__name__}, not an object with network, diffusion and preprocess")
         sections = {}
@@ -228,9 +237,11 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no model config; a model folder holds config.json beside model.pt")
-        from anofpdm_monai.io import InputError, read_json
+        from anofpdm_monai.io import InputError, check_schema_version, read_json
 
         data = read_json(path, "not a valid anofpdm model config: use the config.json saved with these weights")
+        if isinstance(data, dict):
+            check_schema_version(data, CONFIG_SCHEMA_VERSION, path)  # version 1 (no key) reads as version 2
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError, ValueError) as err:

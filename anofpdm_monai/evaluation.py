@@ -12,7 +12,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anofpdm_monai.baselines import (
-    apply_threshold,
-    best_threshold_dice,
-    ddib_reconstruction,
-    lesion_polarity,
-    tune_pixel_threshold,
-)
+from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, lesion_polarity
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.inferers import ANOFPDM_METHODS, SliceInferer, VolumeInferer, write_segmentation
+from anofpdm_monai.distributed import barrier, process_rank, resolve_parts, shard
+from anofpdm_monai.inferers import ForwardProcessInferer, VolumeInferer, slice_seeds, write_segmentation
 from anofpdm_monai.io import (
     InputError,
     atomic_save_dataframe,
@@ -38,7 +33,16 @@ from anofpdm_monai.io import (
     check_case_id,
     json_text,
 )
-from anofpdm_monai.methods import REGISTRY
+from anofpdm_monai.logs import get_logger
+from anofpdm_monai.methods import (
+    AnoFPDMMethod,
+    ComponentMissing,
+    MethodContext,
+    ReconstructionMethod,
+    ThresholdMethod,
+    all_methods,
+    get_method,
+)
 from anofpdm_monai.metrics import (
     PooledAUPRC,
     brain_foreground,
@@ -48,28 +52,24 @@ from anofpdm_monai.metrics import (
     summary_markdown,
     volume_dice,
 )
-from anofpdm_monai.model import calibration_path, load_calibration
+from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
+from anofpdm_monai.provenance import check_continuation, inference_settings, run_record, write_run_record
 from anofpdm_monai.readers import LESION_LABELS, detect_layout, read_cases
 from anofpdm_monai.scoring import read_mask
 from anofpdm_monai.segmentation import mixed_setup_masks
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
-
-BASELINES = tuple(name for name, method in REGISTRY.items() if method.kind != "anofpdm")
-ALL_METHODS = tuple(REGISTRY)
-
-
-def supported_methods(model_dir: str | Path) -> list[str]:
-    """Every registered method the model folder's calibrations can run (the volume family only where calibrated)."""
-    methods = []
-    for name, method in REGISTRY.items():
-        if method.kind == "anofpdm":
-            if not calibration_path(model_dir, method.encoding).is_file():
-                continue
-            if method.variant == "volume" and load_calibration(model_dir, method.encoding).volume is None:
-                continue
-        methods.append(name)
-    return methods
+from anofpdm_monai.tuning import (
+    DEFAULT_TUNING_SLICES,
+    TUNING_FOLDER,
+    TuningResult,
+    cache_key,
+    cached_tuning,
+    method_maps,
+    save_tuning,
+    tune,
+    validation_sample,
+)
 
 
 @dataclass
@@ -145,10 +145,12 @@ class CohortEvaluator:
 
     Args:
         inferer: a :class:`VolumeInferer` of the model (its network, schedule and chain are reused).
-        methods: names from :data:`ALL_METHODS`.
+        methods: registered method names (:func:`anofpdm_monai.methods.all_methods`).
         results_dir: output folder.
-        ddib_threshold: map threshold of the ``ddib`` baseline (tuned with pixel labels on validation).
-        ddib_depth: encoding depth of the ``ddib`` baseline.
+        tuned: each reconstruction method's tuning (:mod:`anofpdm_monai.tuning`); a reconstruction method
+            without one gets no outputs.
+        contexts: each reconstruction method's :class:`~anofpdm_monai.methods.MethodContext` (its
+            components loaded); built here when not given.
         outputs_dir: where to also write, for raw-cohort cases, the first AnoFPDM method's mask and map
             NIfTI files on the input grid and a PNG overlay (None writes none).
     """
@@ -159,49 +161,54 @@ class CohortEvaluator:
         methods: Sequence[str],
         results_dir: str | Path,
         *,
-        ddib_threshold: float | None = None,
-        ddib_depth: int = 400,
+        tuned: Mapping[str, TuningResult] | None = None,
+        contexts: Mapping[str, MethodContext] | None = None,
         outputs_dir: str | Path | None = None,
     ) -> None:
-        unknown = [m for m in methods if m not in ALL_METHODS]
+        registry = all_methods()
+        unknown = [m for m in methods if m not in registry]
         if unknown:
-            raise InputError(f"methods: unknown {unknown}; choose from {list(ALL_METHODS)}", arguments="methods")
+            raise InputError(f"methods: unknown {unknown}; choose from {list(registry)}", arguments="methods")
         self.inferer = inferer
         self.methods = list(methods)
+        self.entries = {m: registry[m] for m in self.methods}
         self.results_dir = Path(results_dir)
-        self.ddib_threshold = ddib_threshold
-        self.ddib_depth = ddib_depth
+        self.tuned = dict(tuned or {})
         self.model, self.settings = inferer.model, inferer.settings
         self.polarity = lesion_polarity(self.model.config.preprocess.map_channels)  # the oracle threshold's direction
+        anofpdm = {m: e for m, e in self.entries.items() if isinstance(e, AnoFPDMMethod)}
         self.slice_inferers = {}
-        for encoding in sorted({ANOFPDM_METHODS[m][0] for m in self.methods if m in ANOFPDM_METHODS}):
-            variants = [ANOFPDM_METHODS[m][1] for m in self.methods if m in ANOFPDM_METHODS and ANOFPDM_METHODS[m][0] == encoding]
-            self.slice_inferers[encoding] = SliceInferer.from_model(
+        for encoding in sorted({e.encoding for e in anofpdm.values()}):
+            variants = [e.variant for e in anofpdm.values() if e.encoding == encoding]
+            self.slice_inferers[encoding] = ForwardProcessInferer.from_model(
                 self.model, self.settings, encoding=encoding, variants=variants, setup="unhealthy"
             )
+        self.contexts = dict(contexts or {})
+        for name, entry in self.entries.items():
+            if isinstance(entry, ReconstructionMethod) and name not in self.contexts:
+                self.contexts[name] = MethodContext(self.model, self.settings, entry.load_components(self.model, self.model.device))
         self.outputs_dir = None if outputs_dir is None else Path(outputs_dir)
 
     def case_file(self, case_id: str) -> Path:
         return self.results_dir / "cases" / f"{check_case_id(case_id, self.results_dir)}.npz"
 
-    def ddib_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """DDIB reconstruction maps (N, S, S) in batches, and calls per slice.
-
-        The baseline runs at the DDIM calibration's w and stride (or the run's ``stride``) on the same network.
-        """
-        maps, calls = [], 0
-        calibration = self.model.calibration("ddim")
-        stride = self.settings.stride or calibration.stride
-        predict_eps = self.model.noise_predictor(self.settings.precision)
-        for start in range(0, images.shape[0], self.settings.batch_size):
-            x0 = images[start : start + self.settings.batch_size].to(self.model.device)
-            result = ddib_reconstruction(
-                predict_eps, x0, self.model.alphas_cumprod.to(x0.device), depth=self.ddib_depth, w=calibration.w,
-                stride=stride, map_channels=calibration.map_channel_indices,
-            )  # fmt: skip
-            maps.append(result.maps.float().cpu())
-            calls = result.network_calls
-        return torch.cat(maps), calls
+    def reconstruction_arrays(self, name: str, case: EvalCase) -> tuple[dict[str, np.ndarray], dict]:
+        """A reconstruction method's arrays of one case: maps and masks of the unhealthy setup, the mixed setup's
+        masks (and maps, when its tuned hyperparameters differ), with its seconds and calls per slice."""
+        method, tuned = self.entries[name], self.tuned[name].setups
+        start = time.perf_counter()
+        seeds = slice_seeds(self.settings.seed, case.case_id, case.slice_indices)
+        foreground = brain_foreground(case.images)
+        maps, calls = method_maps(method, self.contexts[name], case.images, seeds, tuned["unhealthy"].params)
+        arrays = {f"{name}/maps": maps.numpy(), f"{name}/masks": ((maps >= tuned["unhealthy"].threshold) & foreground).numpy()}
+        mixed_maps = maps
+        if tuned["mixed"].params != tuned["unhealthy"].params:
+            mixed_maps, mixed_calls = method_maps(method, self.contexts[name], case.images, seeds, tuned["mixed"].params)
+            arrays[f"{name}/mixed_maps"] = mixed_maps.numpy()
+            calls += mixed_calls
+        arrays[f"{name}/mixed_masks"] = ((mixed_maps >= tuned["mixed"].threshold) & foreground).numpy()
+        facts = {"seconds": time.perf_counter() - start, "calls": calls, "params": {k: v.params for k, v in tuned.items()}}
+        return arrays, facts
 
     def evaluate_case(self, case: EvalCase) -> Path:
         """Run every method on one case and save its arrays and per-method facts to ``cases/<id>.npz``."""
@@ -214,15 +221,15 @@ class CohortEvaluator:
         }
         if case.voxel_mm is not None:
             arrays["voxel_mm"] = np.asarray(case.voxel_mm, dtype=np.float64)  # volumes in ml (the report)
-        facts: dict[str, dict] = {"threshold": {"direction": self.polarity}} if "threshold" in self.methods else {}
+        facts: dict[str, dict] = {m: {"direction": self.polarity} for m, e in self.entries.items() if isinstance(e, ThresholdMethod)}
         for encoding, inferer in self.slice_inferers.items():
             start = time.perf_counter()
             outputs = inferer(case.images, case.case_id, case.slice_indices, case.voxel_mm)
             seconds = time.perf_counter() - start
-            for method, (enc, variant) in ANOFPDM_METHODS.items():
-                if method not in self.methods or enc != encoding:
+            for method, entry in self.entries.items():
+                if not isinstance(entry, AnoFPDMMethod) or entry.encoding != encoding:
                     continue
-                out = outputs[variant]
+                out = outputs[entry.variant]
                 arrays[f"{method}/maps"] = out.maps.numpy().astype(np.float32)
                 arrays[f"{method}/masks"] = out.masks.numpy()
                 arrays[f"{method}/mixed_masks"] = out.mixed_masks.numpy()
@@ -237,12 +244,10 @@ class CohortEvaluator:
                 arrays[f"{method}/divergence"] = out.divergence.numpy().astype(np.float32)
                 arrays[f"{method}/timesteps"] = out.timesteps.numpy()
                 facts[method] = {"seconds": seconds, "calls": out.network_calls}
-        if "ddib" in self.methods and self.ddib_threshold is not None:
-            start = time.perf_counter()
-            maps, calls = self.ddib_maps(case.images)
-            arrays["ddib/maps"] = maps.numpy()
-            arrays["ddib/masks"] = (maps >= self.ddib_threshold).numpy()
-            facts["ddib"] = {"seconds": time.perf_counter() - start, "calls": calls}
+        for method, entry in self.entries.items():
+            if isinstance(entry, ReconstructionMethod) and method in self.tuned:
+                more, facts[method] = self.reconstruction_arrays(method, case)
+                arrays.update(more)
         self.write_outputs(case, arrays)
         native = self.native_dice(case, arrays)
         for method, value in native.items():
@@ -256,7 +261,7 @@ class CohortEvaluator:
 
         The mask is the mixed-setup one, as ``segment`` writes it (same writer, same files).
         """
-        method = next((m for m in self.methods if m in ANOFPDM_METHODS), None)
+        method = next((m for m, e in self.entries.items() if isinstance(e, AnoFPDMMethod)), None)
         if self.outputs_dir is None or case.geometry is None or method is None:
             return
         from anofpdm_monai.visualize import save_overlay
@@ -301,16 +306,17 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
     """Build ``slices.csv``, ``cases.csv``, ``summary.json`` and ``summary.md`` from the per-case files."""
     results_dir = Path(results_dir)
     loaded = {c: load_case_results(results_dir / "cases" / f"{c}.npz") for c in case_ids}
-    requested = list(methods)
-    methods = [m for m in methods if any(f"{m}/maps" in a for a, _ in loaded.values()) or m == "threshold"]
+    registry = all_methods()
+    oracles = [m for m in methods if isinstance(registry.get(m), ThresholdMethod)]  # computed here, on every case's pixels
+    methods = [m for m in methods if any(f"{m}/maps" in a for a, _ in loaded.values()) or m in oracles]
     oracle = None
-    if "threshold" in methods:
+    if oracles:
         fg = np.concatenate([a["foreground"].ravel() for a, _ in loaded.values()])
         values = np.concatenate([a["intensity"].ravel() for a, _ in loaded.values()])[fg]
         truth = np.concatenate([a["truth"].ravel() for a, _ in loaded.values()])[fg]
-        oracle = best_threshold_dice(values, truth, direction=threshold_direction(loaded)) if truth.any() else None
-        if oracle is None:  # no lesion voxel: the row is kept, empty, with the reason (see undefined_reasons)
-            methods.remove("threshold")
+        oracle = best_threshold_dice(values, truth, direction=threshold_direction(loaded, oracles[0])) if truth.any() else None
+        if oracle is None:  # no lesion voxel: the rows are kept, empty, with the reason (see undefined_reasons)
+            methods = [m for m in methods if m not in oracles]
     slice_rows, case_rows = [], []
     pooled = {m: (PooledAUPRC(), PooledAUPRC()) for m in methods}
     for case_id, (arrays, facts) in loaded.items():
@@ -318,13 +324,17 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
         whole = bool(arrays["whole_volume"]) if "whole_volume" in arrays else False  # files that do not say: partial
         labels = truth.reshape(len(truth), -1).any(1)
         for method in methods:
-            if method == "threshold":
+            if method in oracles:
                 maps = arrays["intensity"] if oracle.direction == "high" else -arrays["intensity"]
                 masks = apply_threshold(arrays["intensity"], oracle.threshold, oracle.direction) & fg
             else:
                 maps, masks = arrays[f"{method}/maps"], arrays[f"{method}/masks"]
+            mixed_maps = arrays.get(f"{method}/mixed_maps", maps)  # a method tuned per setup may map each its own way
             pred = arrays.get(f"{method}/pred")
-            mixed_masks = masks if pred is None else arrays.get(f"{method}/mixed_masks", mixed_setup_masks(masks, pred))
+            if f"{method}/mixed_masks" in arrays:
+                mixed_masks = arrays[f"{method}/mixed_masks"]
+            else:
+                mixed_masks = masks if pred is None else mixed_setup_masks(masks, pred)
             dice, iou = dice_iou_per_slice(masks, truth)
             mixed_dice, mixed_iou = dice_iou_per_slice(mixed_masks, truth)
             fact = facts.get(method, {})
@@ -339,11 +349,11 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
                     "t_e": float(arrays[f"{method}/t_e"][i]) if f"{method}/t_e" in arrays else np.nan,
                     "quantile": float(arrays[f"{method}/quantile"][i]) if f"{method}/quantile" in arrays else np.nan,
                     "threshold": float(arrays[f"{method}/threshold"][i]) if f"{method}/threshold" in arrays else (
-                        oracle.threshold if method == "threshold" else np.nan),
+                        oracle.threshold if method in oracles else np.nan),
                     "network_calls": fact.get("calls", 0), "seconds": fact.get("seconds", 0.0) / max(n, 1),
-                    "uses_pixel_labels": REGISTRY[method].uses_pixel_labels,
+                    "uses_pixel_labels": registry[method].uses_pixel_labels if method in registry else True,
                 })  # fmt: skip
-            pooled[method][0].update(maps, truth, fg)
+            pooled[method][0].update(mixed_maps, truth, fg)
             pooled[method][1].update(maps[labels], truth[labels], fg[labels])
             case_rows.append({
                 "case": case_id, "method": method, "dice_3d": volume_dice(mixed_masks, truth) if whole else np.nan,
@@ -361,11 +371,12 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
     cases = pd.DataFrame(case_rows)
     for method in rows:
         rows[method]["case_dice_3d"] = float(cases.loc[cases["method"] == method, "dice_3d"].mean())
-    if oracle is not None:
-        rows["threshold"]["oracle_threshold"] = float(oracle.threshold)
-        rows["threshold"]["oracle_direction"] = oracle.direction
-    elif "threshold" in requested:
-        rows["threshold"] = empty_threshold_row(rows, sum(len(a["truth"]) for a, _ in loaded.values()))
+    for method in oracles:
+        if oracle is not None:
+            rows[method]["oracle_threshold"] = float(oracle.threshold)
+            rows[method]["oracle_direction"] = oracle.direction
+        else:
+            rows[method] = empty_threshold_row(rows, sum(len(a["truth"]) for a, _ in loaded.values()))
     for method, row in rows.items():
         row["undefined"] = undefined_reasons(row)
     atomic_write_json(results_dir / "summary.json", rows)
@@ -373,10 +384,10 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
     return rows
 
 
-def threshold_direction(loaded: dict[str, tuple[dict, dict]]) -> str:
+def threshold_direction(loaded: dict[str, tuple[dict, dict]], method: str) -> str:
     """The oracle threshold's direction the evaluator recorded from the map channels' sequences (see
     :func:`~anofpdm_monai.baselines.lesion_polarity`); "best" for case files that record none or disagree."""
-    found = {facts.get("threshold", {}).get("direction", "best") for _, facts in loaded.values()}
+    found = {facts.get(method, {}).get("direction", "best") for _, facts in loaded.values()}
     return found.pop() if len(found) == 1 and found <= {"high", "low", "best"} else "best"
 
 
@@ -396,7 +407,7 @@ UNDEFINED_REASONS = {
 
 
 def empty_threshold_row(rows: dict[str, dict], n_slices: int) -> dict:
-    """The ``threshold`` row of a cohort without lesion voxels: every metric undefined (kept, not dropped)."""
+    """The oracle threshold's row of a cohort without lesion voxels: every metric undefined (kept, not dropped)."""
     keys = next(iter(rows.values())).keys() if rows else ["mixed_dice", "mixed_iou", "unhealthy_dice", "unhealthy_iou"]
     row = {k: math.nan for k in keys}
     row.update(uses_pixel_labels=True, n_slices=n_slices, n_unhealthy=0, oracle_threshold=math.nan, oracle_direction=None)
@@ -429,9 +440,255 @@ def undefined_note(rows: dict[str, dict]) -> str:
     return "\n– undefined (null in summary.json):\n" + "\n".join(lines) + "\n"
 
 
-def tune_ddib_threshold(evaluator: CohortEvaluator, store: PreprocessedStore, max_slices: int, seed: int) -> float:
-    """The ``ddib`` baseline's map threshold, tuned on validation slices WITH pixel labels (as such methods are)."""
-    rows = store.sample_rows("val", max_slices, seed, "to tune the ddib threshold (or evaluate without ddib)")
-    images, masks, _ = store.load_slices(rows)
-    maps, _ = evaluator.ddib_maps(images)
-    return tune_pixel_threshold(maps, masks, brain_foreground(images))
+# --------------------------------------------------------------------------------------------
+# The cohort loop of ``anofpdm evaluate`` (and ``anofpdm demo``)
+# --------------------------------------------------------------------------------------------
+
+# Settings that change a case's file (cases/<id>.npz); resume reuses files only when these and the model match.
+CONTINUATION_KEYS = ("input", "split", "methods", "max_slices", "seed", "steps", "stride", "precision", "calibrations",
+                     "tune", "tune_slices", "val_data")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What one evaluation run chooses besides the inference settings.
+
+    Attributes:
+        methods: registered method names; None: every one the model folder can run (:func:`~anofpdm_monai.model.available_methods`).
+        split: the store split to evaluate (stores only).
+        max_slices: evaluate a seeded subset of this many slices (stores only); None: every slice.
+        val_data: a store whose ``val`` split tunes the pixel-label baselines; None: the evaluated store's own.
+        tune: ``{method: {hyperparameter: candidates}}`` replacing those of the methods' default grids.
+        tune_slices: validation slices (a seeded sample) the baselines are tuned on.
+        resume: reuse the case files of an earlier run with the same model and settings (``--continue``).
+        num_parts, part_id: evaluate only part ``part_id`` of the cohort's round-robin parts (``torchrun``: one per rank).
+        report: also write the cohort report ``RESULTS/report/index.html``.
+    """
+
+    methods: tuple[str, ...] | None = None
+    split: str = "test"
+    max_slices: int | None = None
+    val_data: str | Path | None = None
+    tune: Mapping[str, Mapping[str, Sequence]] = dataclasses.field(default_factory=dict)
+    tune_slices: int = DEFAULT_TUNING_SLICES
+    resume: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    report: bool = False
+
+
+@dataclass
+class EvaluationOutcome:
+    """What :func:`evaluate_cohort` did.
+
+    Attributes:
+        results_dir: the results folder.
+        methods: the methods run (requested ones that could not run are in ``skipped``).
+        skipped: ``{method: why}``, one line each.
+        expected: the cases of the run (all parts).
+        done: the cases with a case file.
+        failed: ``{case: error}`` of this process's failed cases.
+        summary: the Table-1 rows (``summary.json``), or None while other parts are unfinished (or on a rank > 0).
+        tuning: each tuned method's :class:`~anofpdm_monai.tuning.TuningResult`.
+    """
+
+    results_dir: Path
+    methods: list[str]
+    skipped: dict[str, str]
+    expected: list[str]
+    done: list[str] = dataclasses.field(default_factory=list)
+    failed: dict[str, Exception] = dataclasses.field(default_factory=dict)
+    summary: dict | None = None
+    tuning: dict[str, TuningResult] = dataclasses.field(default_factory=dict)
+
+
+def slice_subset(cohort: Cohort, max_slices: int | None, seed: int) -> dict[str, np.ndarray] | None:
+    """A fixed, seeded subset of at most ``max_slices`` slices over the cohort (stores only)."""
+    if max_slices is None:
+        return None
+    if cohort.store is None:
+        raise InputError("max_slices needs a preprocessed store as the input (raw cohorts are evaluated whole)", arguments="max_slices")
+    rows = cohort.rows
+    if len(rows) > max_slices:
+        rows = rows.sample(n=max_slices, random_state=seed)
+    return {p: g["slice"].to_numpy() for p, g in rows.groupby("patient")}
+
+
+def tune_methods(
+    model: AnoFPDMModel,
+    settings: InferenceSettings,
+    contexts: Mapping[str, MethodContext],
+    evaluation: EvaluationSettings,
+    source: str | Path | None,
+    results_dir: Path,
+) -> tuple[dict[str, TuningResult], dict[str, str]]:
+    """Tune every reconstruction method of ``contexts`` on ``source``'s validation slices, cached per method in
+    ``RESULTS/tuning/NAME.json`` (reused only when tuned with the same weights, components, data, grid and sample).
+
+    Returns:
+        ``(tuned, skipped)``: the tunings, and ``{method: why}`` for those that could not be tuned.
+    """
+    log = get_logger()
+    tuned, skipped = {}, {}
+    if not contexts:
+        return tuned, skipped
+    if source is None:
+        for name in contexts:
+            skipped[name] = f"{name} skipped: its threshold is tuned on validation pixel labels; give val_data (a store with a val split)"
+        return tuned, skipped
+    store, sample = PreprocessedStore(source), None
+    for name, context in contexts.items():
+        method = get_method(name)
+        grid = method.tuning_grid(context, evaluation.tune.get(name))
+        key = cache_key(method, context, grid, str(Path(source).resolve()), evaluation.tune_slices, settings.seed)
+        path = results_dir / TUNING_FOLDER / f"{name}.json"
+        result = cached_tuning(path, key)
+        if result is None:
+            if sample is None:
+                images, masks, patients, slices = validation_sample(store, evaluation.tune_slices, settings.seed)
+                seeds = [slice_seeds(settings.seed, p, [s])[0] for p, s in zip(patients, slices)]
+                sample = images, masks, seeds
+            points = int(np.prod([len(v) for v in grid.values()]))
+            log.info(f"{name}: tuning {points} grid point(s) of {sorted(grid)} on {len(sample[0])} validation slices (pixel labels)")
+            try:
+                result = tune(method, context, *sample, grid)
+            except InputError as err:
+                skipped[name] = f"{name} skipped: {err}"
+                continue
+            save_tuning(path, key, result)
+        tuned[name] = result
+    return tuned, skipped
+
+
+def make_results_folder(results_dir: str | Path) -> Path:
+    """Create ``RESULTS/cases/``; an InputError naming ``results_dir`` when it cannot be written."""
+    results = Path(results_dir)
+    try:
+        (results / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{results}: cannot create the results folder ({err.strerror}); choose a writable results_dir", arguments="results_dir") from err
+    return results
+
+
+def evaluate_cohort(
+    model: AnoFPDMModel,
+    source: str | Path,
+    results_dir: str | Path,
+    settings: InferenceSettings | None = None,
+    evaluation: EvaluationSettings | None = None,
+    *,
+    outputs_dir: str | Path | None = None,
+    record: Callable[[dict], dict] | None = None,
+    on_error: Callable[[str, Exception], None] | None = None,
+    progress: bool = True,
+) -> EvaluationOutcome:
+    """Evaluate a cohort: every method on every case, per-case files, then the tables and the Table-1 summary.
+
+    The cohort loop of ``anofpdm evaluate`` (the shape of :func:`~anofpdm_monai.api.segment_records`):
+    methods that cannot run are skipped with one line each (a missing component, no validation data to
+    tune on); reconstruction methods are tuned first (:func:`tune_methods`); a case that fails is
+    reported to ``on_error`` and the others go on; with ``evaluation.resume`` finished cases are kept
+    (only from a run with the same model and settings); under ``torchrun`` each rank evaluates its part,
+    and rank 0 merges once every rank is done.
+
+    Args:
+        model: the loaded model.
+        source: a preprocessed store (its ``evaluation.split``) or a raw cohort folder with lesion files.
+        results_dir: the results folder (``cases/``, ``slices.csv``, ``cases.csv``, ``summary.json``/``.md``, ``run.json``).
+        settings: N, k, batch size, seed, precision (``settings.method`` is not used).
+        evaluation: methods, split, sample, tuning, resume, parts.
+        outputs_dir: also write the first AnoFPDM method's mask and map NIfTI files of raw-cohort cases there.
+        record: ``(resolved settings) -> run record`` (the CLI adds its flags); default: the library's record.
+        on_error: called with ``(case id, error)`` for each failed case; default: logs it.
+        progress: a progress bar over the cases.
+
+    Raises:
+        InputError: the results folder cannot be written, a method is unknown, the settings do not fit the
+            results folder's earlier run (resume), or no case could be evaluated.
+    """
+    from tqdm.auto import tqdm
+
+    settings = settings or InferenceSettings()
+    evaluation = evaluation or EvaluationSettings()
+    results = Path(results_dir)
+    log = get_logger()
+    rank = process_rank()
+    num_parts, part_id = resolve_parts(evaluation.num_parts, evaluation.part_id, rank)
+    make_results_folder(results)
+    requested = list(available_methods(model.folder) if evaluation.methods is None else evaluation.methods)
+    registry = all_methods()
+    unknown = [m for m in requested if m not in registry]
+    if unknown:
+        raise InputError(f"methods: unknown {unknown}; choose from {list(registry)}", arguments="methods")
+    inferer = VolumeInferer(model, settings)
+    cohort = Cohort(source, inferer, evaluation.split)
+    contexts, skipped = {}, {}
+    for name in requested:
+        method = registry[name]
+        if isinstance(method, ReconstructionMethod):
+            try:
+                contexts[name] = MethodContext(model, settings, method.load_components(model, model.device))
+            except ComponentMissing as err:
+                skipped[name] = str(err)
+    val_source = evaluation.val_data or (source if cohort.store is not None else None)
+    tuned, not_tuned = tune_methods(model, settings, contexts, evaluation, val_source, results)
+    skipped.update(not_tuned)
+    for line in skipped.values():
+        log.warning(line)
+    methods = [m for m in requested if m not in skipped]
+    evaluator = CohortEvaluator(inferer, methods, results, tuned=tuned, contexts=contexts, outputs_dir=outputs_dir)
+    resolved = resolved_settings(evaluator, source, evaluation, requested, tuned)
+    run = record(resolved) if record is not None else run_record("evaluate", None, resolved, model.folder)
+    if evaluation.resume and any((results / "cases").glob("*.npz")):
+        check_continuation(results, run, CONTINUATION_KEYS)  # finished cases are reused only from the same run
+    if rank.is_main:
+        write_run_record(results, run)
+    keep = slice_subset(cohort, evaluation.max_slices, settings.seed)
+    # cases that max_slices leaves without a slice are not part of the run (they would never get a file)
+    expected = [c for c in cohort.case_ids if keep is None or len(keep.get(c, ())) > 0]
+    outcome = EvaluationOutcome(results, methods, skipped, expected, tuning=tuned)
+    report_error = on_error or (lambda case_id, err: log.error(f"{case_id}: {err}"))
+    mine = shard(expected, num_parts, part_id)
+    desc = f"evaluate {part_id + 1}/{num_parts}" if num_parts > 1 else "evaluate"
+    for case_id in tqdm(mine, desc=desc, unit="case", disable=not progress):
+        if evaluation.resume and evaluator.case_file(case_id).is_file():
+            continue
+        try:
+            case = select_slices(cohort.load(case_id), None if keep is None else keep[case_id])
+            if len(case.slice_indices) == 0:
+                continue
+            evaluator.evaluate_case(case)
+        except (InputError, OSError) as err:
+            outcome.failed[case_id] = err
+            report_error(case_id, err)
+    barrier(rank)
+    if not rank.is_main:
+        return outcome
+    outcome.done = [c for c in expected if evaluator.case_file(c).is_file()]
+    if len(outcome.done) < len(expected) - len(outcome.failed) and not rank.distributed and num_parts > 1:
+        log.info(f"{len(outcome.done)} of {len(expected)} cases done; the summary is written when every part has finished")
+        return outcome
+    if not outcome.done:
+        raise InputError(f"{source}: no case could be evaluated")
+    outcome.summary = merge_results(results, outcome.done, methods)
+    if evaluation.report:
+        from anofpdm_monai.report import write_report
+
+        log.info(f"report: {write_report(results, model_dir=model.folder)}")
+    return outcome
+
+
+def resolved_settings(evaluator: CohortEvaluator, source: str | Path, evaluation: EvaluationSettings, methods: list[str],
+                      tuned: Mapping[str, TuningResult]) -> dict:  # fmt: skip
+    """What the run resolved, for run.json: paths, methods, device, each encoding's N, k, w, thr_01, D, and the tunings."""
+    calibrations = {encoding: inference_settings(inferer) for encoding, inferer in evaluator.slice_inferers.items()}
+    precisions = {c["precision"] for c in calibrations.values()} or {inference_settings(evaluator.inferer.slice_inferer)["precision"]}
+    settings = evaluator.settings
+    return {
+        "input": Path(source).resolve(), "model": evaluator.model.folder, "methods": list(methods), "split": evaluation.split,
+        "max_slices": evaluation.max_slices, "seed": settings.seed, "steps": settings.steps, "stride": settings.stride,
+        "batch_size": settings.batch_size, "device": str(evaluator.model.device), "precision": precisions.pop(),
+        "calibrations": calibrations, "val_data": None if evaluation.val_data is None else Path(evaluation.val_data).resolve(),
+        "tune": {k: {p: list(v) for p, v in g.items()} for k, g in evaluation.tune.items()}, "tune_slices": evaluation.tune_slices,
+        "tuning": {name: {setup: dataclasses.asdict(t) for setup, t in result.setups.items()} for name, result in tuned.items()},
+    }  # fmt: skip

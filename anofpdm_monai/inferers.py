@@ -1,6 +1,6 @@
 """Inferers: AnoFPDM on batches of slices, and on whole patient volumes (MONAI ``Inferer`` style).
 
-:class:`SliceInferer` runs the forward-process engine and the per-slice decisions over slices in
+:class:`ForwardProcessInferer` runs the forward-process engine and the per-slice decisions over slices in
 batches; :class:`VolumeInferer` wraps it with the model folder's preprocessing chain and its
 inverse, so that a patient's NIfTI files go in and a mask and an anomaly map on the input's own
 grid come out.
@@ -26,28 +26,23 @@ from tqdm.auto import tqdm
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
 from anofpdm_monai.io import InputError, check_case_id, save_like
-from anofpdm_monai.methods import anofpdm_methods
+from anofpdm_monai.methods import Decision, get_decision
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings, calibration_path
-from anofpdm_monai.segmentation import SegmentationResult, segment
+from anofpdm_monai.segmentation import SegmentationResult, VolumeInputs
 from anofpdm_monai.transforms import PreprocessedCase, preprocess_with, slices_to_volume
-from anofpdm_monai.volume_mode import VolumeCalibration, VolumeInputs, volume_segment
 
-# method name -> (encoding, decision variant), from the registry (anofpdm_monai.methods)
-ANOFPDM_METHODS = anofpdm_methods()
-VARIANTS = ("aggregated", "last", "volume")
-
-
-def volume_calibration(calibration: Calibration, source: str | Path) -> VolumeCalibration:
-    """The volume family's part of a calibration; an InputError saying how to add it when it is missing."""
-    if calibration.volume is None:
+def decision_section(calibration: Calibration, decision: Decision, source: str | Path):
+    """The typed calibration section a decision reads (None when it reads none); an InputError saying how
+    to add it when the calibration lacks it."""
+    if decision.section is None:
+        return None
+    section = calibration.section(decision.section.name)
+    if section is None:
         raise InputError(
-            f"{source}: this calibration has no volume-mode decisions (it was made before them or without them); "
-            f"recalibrate with volume mode on (anofpdm calibrate ... --encoding {calibration.encoding}) to use the -volume methods"
+            f"{source}: this calibration has no {decision.section.name!r} section (it was made before it or without it); "
+            f"{decision.section.missing}"
         )
-    try:
-        return VolumeCalibration.from_dict(calibration.volume)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{source}: the 'volume' section is not valid ({err}); recalibrate") from None
+    return section
 
 
 def slice_seeds(seed: int, case_id: str, slice_indices: Sequence[int]) -> list[int]:
@@ -60,7 +55,7 @@ def slice_seeds(seed: int, case_id: str, slice_indices: Sequence[int]) -> list[i
     return [int(np.random.SeedSequence([seed, case_key, int(i)]).generate_state(1, np.uint64)[0]) for i in slice_indices]
 
 
-class SliceInferer(Inferer):
+class ForwardProcessInferer(Inferer):
     """AnoFPDM on one volume's slices: the forward process in batches, then the decisions once on the volume.
 
     The forward process streams per batch (memory stays flat in N); its per-slice statistics are
@@ -70,14 +65,15 @@ class SliceInferer(Inferer):
     Args:
         predict_eps: noise predictor ``(x (N, C, S, S), t (N,), labels (N,)) -> (N, C, S, S)``.
         alphas_cumprod: (T,) the training schedule.
-        calibration: w*, thr_01, D and the calibrated N, k and encoding (and the volume family's
-            decisions when ``"volume"`` is among the variants).
-        variants: decision variants to produce from the same forward process (:data:`VARIANTS`).
+        calibration: w*, thr_01, D and the calibrated N, k and encoding (and the sections the
+            variants' decisions read).
+        variants: registered decision variants (:func:`anofpdm_monai.methods.get_decision`) to produce
+            from the same forward process.
         encoding: ``ddim`` or ``ddpm``; default the calibration's.
         steps: forward-step budget N; default the calibration's.
         stride: stride k; default the calibration's.
-        setup: ``mixed`` (predicted-healthy slices get empty masks, or for the volume family
-            unanchored components are dropped) or ``unhealthy``.
+        setup: ``mixed`` (each decision's own mixed rule, e.g. the paper's: predicted-healthy slices get
+            empty masks) or ``unhealthy`` (masks kept whatever the health decision).
         batch_size: slices per forward process (each network call sees 2 x batch_size inputs).
         seed: with the case id and slice index, seeds each slice's generator (:func:`slice_seeds`).
         device: where the network runs.
@@ -103,14 +99,12 @@ class SliceInferer(Inferer):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"variants {unknown} unknown; choose from {VARIANTS}")
         self.predict_eps = predict_eps
         self.alphas_cumprod = alphas_cumprod
         self.calibration = calibration
         self.variants = tuple(variants)
-        self.volume_calibration = volume_calibration(calibration, calibration_source) if "volume" in self.variants else None
+        self.decisions = {v: get_decision(v) for v in self.variants}
+        self.sections = {v: decision_section(calibration, d, calibration_source) for v, d in self.decisions.items()}
         self.encoding = encoding or calibration.encoding
         self.steps = steps or calibration.steps
         self.stride = stride or calibration.stride
@@ -135,7 +129,7 @@ class SliceInferer(Inferer):
         variants: Sequence[str] | None = None,
         setup: str = "mixed",
         progress: bool = False,
-    ) -> SliceInferer:
+    ) -> ForwardProcessInferer:
         """The inferer of a loaded model with ``settings``.
 
         ``encoding`` and ``variants`` default to those of ``settings.method``; give them to run several
@@ -192,12 +186,7 @@ class SliceInferer(Inferer):
 
     def decide(self, result: ForwardProcessResult, variant: str, volume: VolumeInputs | None = None) -> SegmentationResult:
         """The decisions of one variant on a whole volume's forward process (on the CPU)."""
-        if variant == "volume":
-            if volume is None:
-                raise ValueError("the volume variant needs the volume's VolumeInputs")
-            decided = volume_segment(result, volume, self.volume_calibration, setup=self.setup)
-        else:
-            decided = segment(result, self.calibration, setup=self.setup, variant=variant)
+        decided = self.decisions[variant].decide(result, volume, self.calibration, self.sections[variant], self.setup)
         return decided.cpu(network_calls=result.network_calls)
 
     def __call__(  # type: ignore[override]
@@ -214,11 +203,12 @@ class SliceInferer(Inferer):
             inputs: the slices, in slice order.
             case_id: the case's id (seeds, with the slice indices, the per-slice random numbers).
             slice_indices: (N,) axial index of each slice (default 0 .. N-1).
-            voxel_mm: voxel size of the stacked slices (the volume family's sizes are in mm^3).
+            voxel_mm: voxel size of the stacked slices (for decisions that size lesions in mm^3).
             progress: a bar over the batches (default: the inferer's setting).
         """
         result = self.forward_process(inputs, case_id, slice_indices, progress)
-        volume = VolumeInputs.from_slices(inputs, slice_indices, voxel_mm) if "volume" in self.variants else None
+        needs_volume = any(d.needs_volume for d in self.decisions.values())
+        volume = VolumeInputs.from_slices(inputs, slice_indices, voxel_mm) if needs_volume else None
         return {v: self.decide(result, v, volume) for v in self.variants}
 
 
@@ -288,7 +278,7 @@ class VolumeInferer(Inferer):
         super().__init__()
         self.settings = settings_with(settings, overrides)
         self.model = model if isinstance(model, AnoFPDMModel) else AnoFPDMModel.from_folder(model, device)
-        self.slice_inferer = SliceInferer.from_model(self.model, self.settings, progress=progress)
+        self.slice_inferer = ForwardProcessInferer.from_model(self.model, self.settings, progress=progress)
 
     @property
     def config(self):

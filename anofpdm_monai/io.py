@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -199,6 +200,32 @@ def read_json(path: str | Path, fix: str) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid JSON ({err}); {fix}") from err
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights in run records, caches)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_schema_version(data: dict, current: int, source: str | Path) -> int:
+    """The ``schema_version`` of a JSON object written by this package (1 when absent: files from before it).
+
+    Raises:
+        InputError: the version is not a whole number >= 1, or newer than ``current`` (the message names both).
+    """
+    version = data.get("schema_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InputError(f"{source}: schema_version = {version!r} must be a whole number >= 1; recreate the file")
+    if version > current:
+        raise InputError(
+            f"{source}: written with schema_version {version}, but this anofpdm_monai reads up to {current}; "
+            "upgrade anofpdm_monai to a release that reads it"
+        )
+    return version
 
 
 def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anofpdm_monai.methods import REGISTRY
+from anofpdm_monai.methods import all_methods
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -411,5 +411,6 @@ def pixel_label_note(rows: Mapping[str, Mapping[str, Any]]) -> str:
     pixel_methods = [method for method, row in rows.items() if row.get("uses_pixel_labels", False)]
     if not pixel_methods:
         return ""
-    said = "; ".join(REGISTRY[m].footnote if m in REGISTRY else f"{m} is tuned on pixel labels" for m in pixel_methods)
+    registry = all_methods()
+    said = "; ".join(registry[m].footnote if m in registry else f"{m} is tuned on pixel labels" for m in pixel_methods)
     return f"{PIXEL_LABEL_MARKER} uses pixel labels: {said}."

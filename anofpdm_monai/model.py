@@ -12,7 +12,6 @@ encoding. :class:`InferenceSettings` is everything a run may choose. The inferer
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +21,15 @@ import torch
 
 from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.calibration import Calibration
-from anofpdm_monai.config import ModelConfig
-from anofpdm_monai.io import InputError, read_json
-from anofpdm_monai.methods import anofpdm_methods
+from anofpdm_monai.config import TRAINING_SETTINGS_FILE, ModelConfig
+from anofpdm_monai.io import InputError, file_sha256, read_json
+from anofpdm_monai.methods import COMPONENTS_FOLDER, KINDS, AnoFPDMMethod, ReconstructionMethod, all_methods, anofpdm_methods
 from anofpdm_monai.networks import PRECISIONS, NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
 
 # Slices per forward process. Each network call sees 2 x this many inputs; 8 slices (16 inputs of
 # 64 x 64) was the fastest per slice on 2 CPU cores (10.5 ms per input against 26 ms at 200 inputs,
 # where activations overflow the caches). Raise it on a GPU.
 DEFAULT_BATCH_SIZE = 8
-TRAINING_SETTINGS_FILE = "training.json"
 
 
 def calibration_path(model_dir: str | Path, encoding: str) -> Path:
@@ -62,6 +60,29 @@ def check_calibration_fits(calibration: Calibration, config: ModelConfig, path: 
             f"{path}: map_channel_indices {calibration.map_channel_indices} point beyond the model's "
             f"{config.network.in_channels} input channels (config.json); {fix}"
         )
+
+
+def available_methods(model_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> list[str]:
+    """The registered methods of ``kinds`` (:data:`anofpdm_monai.methods.KINDS`) a model folder can run, in registry order.
+
+    An AnoFPDM method needs its encoding's calibration file and, when its decision reads a calibration
+    section, that section in it; a reconstruction method needs its components in ``MODEL/baselines/``.
+    """
+    found = []
+    for name, method in all_methods().items():
+        if method.kind not in kinds:
+            continue
+        if isinstance(method, AnoFPDMMethod):
+            if not calibration_path(model_dir, method.encoding).is_file():
+                continue
+            section = method.decision.section
+            if section is not None and load_calibration(model_dir, method.encoding).section(section.name) is None:
+                continue
+        if isinstance(method, ReconstructionMethod):
+            if any(not (Path(model_dir) / COMPONENTS_FOLDER / c.name).is_dir() for c in method.components):
+                continue
+        found.append(name)
+    return found
 
 
 @dataclass(frozen=True)
@@ -102,12 +123,12 @@ class InferenceSettings:
     @property
     def encoding(self) -> str:
         """``ddim`` or ``ddpm``, from the method."""
-        return anofpdm_methods()[self.method][0]
+        return anofpdm_methods()[self.method].encoding
 
     @property
     def variant(self) -> str:
-        """The decision variant of the method (``aggregated``, ``last`` or ``volume``)."""
-        return anofpdm_methods()[self.method][1]
+        """The registered decision variant of the method (e.g. ``aggregated``, ``last``, ``volume``)."""
+        return anofpdm_methods()[self.method].variant
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,9 +198,5 @@ class AnoFPDMModel:
     def sha256(self) -> str:
         """Hex digest of ``model.pt`` (identifies the weights in run records and caches)."""
         if self._sha256 is None:
-            digest = hashlib.sha256()
-            with open(self.folder / "model.pt", "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            self._sha256 = digest.hexdigest()
+            self._sha256 = file_sha256(self.folder / "model.pt")
         return self._sha256

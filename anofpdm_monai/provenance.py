@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from anofpdm_monai.io import InputError, atomic_write_json, strict_json
+from anofpdm_monai.io import InputError, atomic_write_json, file_sha256, strict_json
 
 RUN_RECORD = "run.json"
 PACKAGES = ("anofpdm_monai", "torch", "monai", "nibabel", "numpy")
@@ -53,15 +53,6 @@ def versions() -> dict[str, str | None]:
             found[name] = None
     found["python"] = platform.python_version()
     return found
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (model weights can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def json_sha256(value: Any) -> str:

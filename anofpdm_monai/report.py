@@ -23,14 +23,14 @@ import torch
 
 from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.io import InputError, atomic_write_text, check_case_id, read_json
-from anofpdm_monai.methods import REGISTRY
+from anofpdm_monai.methods import AnoFPDMMethod, all_methods
 from anofpdm_monai.metrics import PIXEL_LABEL_MARKER, SUMMARY_COLUMNS, pixel_label_note
 from anofpdm_monai.networks import UNHEALTHY
+from anofpdm_monai.provenance import RUN_RECORD
 from anofpdm_monai.visualize import curves_png, overlay_png, overlay_slices
 
 REPORT_FOLDER = "report"
 PARTIAL = "only a sample of the case's slices was evaluated, so no 3-D DICE"
-RUN_RECORD = "run.json"
 
 
 @dataclass
@@ -134,7 +134,8 @@ def shown_method(summary: Mapping[str, Any], results: Path, case_ids: Sequence[s
             raise InputError(f"{results}: no maps of method {method!r} stored; choose one of {sorted(stored)}")
         return method
     with_maps = [m for m in summary if m in stored]
-    anofpdm = [m for m in with_maps if m in REGISTRY and REGISTRY[m].kind == "anofpdm"]
+    registry = all_methods()
+    anofpdm = [m for m in with_maps if isinstance(registry.get(m), AnoFPDMMethod)]
     return (anofpdm or with_maps or [None])[0]
 
 

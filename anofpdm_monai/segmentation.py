@@ -1,11 +1,17 @@
 """Per-slice decisions of AnoFPDM (ALGORITHM.md section 5); no pixel labels anywhere.
 
+Registers the paper's decision variants (``aggregated``: eq. 20; ``last``: the SAM at t_e) and the
+methods ``anofpdm-ddim``, ``anofpdm-ddim-last``, ``anofpdm-ddpm``, ``anofpdm-ddpm-last`` on them
+(:mod:`anofpdm_monai.methods`).
+
 Shapes: B slices, K visited timesteps, M map channels, S x S pixels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -15,10 +21,12 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from anofpdm_monai.forward_process import ForwardProcessResult
+from anofpdm_monai.metrics import brain_foreground
+from anofpdm_monai.methods import ENCODINGS, AnoFPDMMethod, Decision, register, register_decision
 
 
 class Thresholds(Protocol):
-    """What :func:`segment` reads of a calibration (e.g. :class:`anofpdm_monai.calibration.Calibration`)."""
+    """What :func:`decide_slices` reads of a calibration (e.g. :class:`anofpdm_monai.calibration.Calibration`)."""
 
     thr_01: float
     D: list[float]
@@ -29,6 +37,38 @@ ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 MEDIAN_KERNEL = 5
 REFERENCE_MIN_AREA = 40
 REFERENCE_SIZE = 128
+
+
+@dataclass
+class VolumeInputs:
+    """What the volume decisions need of one volume besides the forward process.
+
+    Attributes:
+        brain: (B, S, S) bool brain pixels of the slices (:func:`anofpdm_monai.metrics.brain_foreground`).
+        slice_indices: (B,) axial index of each slice; slices whose indices are not consecutive are
+            not connected in 3-D (e.g. a ``--max-slices`` subset).
+        voxel_mm: (x, y, z) size in mm of a voxel of the stacked S x S slices.
+    """
+
+    brain: torch.Tensor
+    slice_indices: np.ndarray
+    voxel_mm: tuple[float, float, float]
+
+    @classmethod
+    def from_slices(cls, x0: torch.Tensor, slice_indices: Sequence[int] | None, voxel_mm: Sequence[float] | None) -> VolumeInputs:
+        """From (B, C, S, S) slices in [-1, 1]; ``slice_indices`` None means consecutive slices."""
+        if voxel_mm is None:
+            raise ValueError(
+                "the slices' voxel size is unknown (a store preprocessed before it was recorded); "
+                "the volume family sizes lesions in mm^3: preprocess the cohort again"
+            )
+        indices = np.arange(x0.shape[0]) if slice_indices is None else np.asarray(slice_indices, dtype=np.int64)
+        if indices.shape != (x0.shape[0],):
+            raise ValueError(f"slice_indices holds {indices.shape[0]} entries for {x0.shape[0]} slices")
+        if len(voxel_mm) != 3 or not all(float(v) > 0 for v in voxel_mm):
+            raise ValueError(f"voxel_mm={tuple(voxel_mm)} must be three positive sizes in mm")
+        return cls(brain_foreground(x0).cpu(), indices, tuple(float(v) for v in voxel_mm))
+
 
 
 def health_similarity(mse_h: torch.Tensor, mse_u: torch.Tensor) -> torch.Tensor:
@@ -186,7 +226,7 @@ def mixed_setup_masks(masks: ArrayOrTensor, predicted_unhealthy: ArrayOrTensor) 
 
 @dataclass
 class SegmentationResult:
-    """Per-slice outputs of :func:`segment` (B slices, M map channels, S x S pixels).
+    """Per-slice outputs of a decision (:func:`decide_slices`; B slices, M map channels, S x S pixels).
 
     Attributes:
         maps: (B, S, S) anomaly maps (median-filtered mean over map channels).
@@ -232,7 +272,7 @@ class SegmentationResult:
         return SegmentationResult(**{**values, **moved, "network_calls": calls})
 
 
-def segment(
+def decide_slices(
     result: ForwardProcessResult,
     calibration: Thresholds,
     *,
@@ -293,3 +333,17 @@ def segment(
         divergence=result.divergence[0].mean(dim=-1),
         timesteps=result.timesteps,
     )
+
+
+def paper_decision(result: ForwardProcessResult, volume, calibration: Thresholds, section, setup: str, *, variant: str) -> SegmentationResult:
+    """The :class:`~anofpdm_monai.methods.Decision` hook of the paper's variants (reads no section, no volume inputs)."""
+    return decide_slices(result, calibration, setup=setup, variant=variant)
+
+
+register_decision(Decision("aggregated", functools.partial(paper_decision, variant="aggregated")))
+register_decision(Decision("last", functools.partial(paper_decision, variant="last")))
+for _encoding in ENCODINGS:
+    register(AnoFPDMMethod(f"anofpdm-{_encoding}", f"the paper's AnoFPDM, {_encoding.upper()} encoding, per-slice decisions on the aggregated map",
+                           encoding=_encoding, variant="aggregated"))  # fmt: skip
+    register(AnoFPDMMethod(f"anofpdm-{_encoding}-last", f"as anofpdm-{_encoding} on the sub-anomaly map at t_e only",
+                           encoding=_encoding, variant="last"))  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from anofpdm_monai.config import DiffusionConfig, ModelConfig, network_preset
+from anofpdm_monai.config import TRAINING_SETTINGS_FILE, DiffusionConfig, ModelConfig, network_preset
 from anofpdm_monai.data import PreprocessedStore, SliceDataset
+from anofpdm_monai.distributed import process_rank
 from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_torch_save, atomic_write_json, safe_torch_load
 from anofpdm_monai.networks import (
     HEALTHY,
@@ -39,7 +39,7 @@ from anofpdm_monai.networks import (
 from anofpdm_monai.noise import SIMPLEX_FREQUENCY, SIMPLEX_OCTAVES, SIMPLEX_PERSISTENCE, draw_noise
 
 LOG_COLUMNS = ["step", "loss", "lr", "wall_s"]
-TRAINING_FILE = "training.json"  # the training settings and steps done, beside config.json
+TRAINING_FILE = TRAINING_SETTINGS_FILE  # the training settings and steps done, beside config.json
 COMPONENT_FILE = "component.json"  # in a component's folder: which recipe made it (MODEL/baselines/NAME/)
 
 
@@ -133,8 +133,7 @@ class DistInfo:
 
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if not process_rank().distributed:
         return DistInfo()
     if device.type == "cuda":
         # One GPU per process: without this every rank would run on cuda:0.
@@ -302,9 +301,7 @@ def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = Non
     """
     check_settings(settings)
     recipe = get_recipe(settings.recipe)
-    device = resolve_device(settings.device)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(settings.device)  # cuda:LOCAL_RANK per rank under torchrun
     dist_info = init_distributed(device)
     store = PreprocessedStore(settings.store)
     dataset = SliceDataset(store, "train")

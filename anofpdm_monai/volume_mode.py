@@ -23,6 +23,10 @@ The map filter, ``q`` and ``min_lesion_mm3`` are chosen together from small grid
 the rule "a slice is unhealthy iff its post-processed mask is not empty": false positives on
 healthy slices and misses on unhealthy ones are what image-level labels can measure.
 
+Registers the ``volume`` decision, its calibration section (``"volume"`` in ``calibration.json``,
+made by ``anofpdm calibrate`` on whole validation patients) and the methods ``anofpdm-ddim-volume``,
+``anofpdm-ddpm-volume`` (:mod:`anofpdm_monai.methods`).
+
 Shapes: B slices of one volume in slice order, M map channels, S x S pixels.
 """
 
@@ -38,8 +42,8 @@ import torch
 from scipy import ndimage
 
 from anofpdm_monai.forward_process import ForwardProcessResult
-from anofpdm_monai.metrics import brain_foreground
-from anofpdm_monai.segmentation import SegmentationResult, health_similarity, median_filter
+from anofpdm_monai.methods import ENCODINGS, AnoFPDMMethod, CalibrationSection, Decision, SectionContext, register, register_decision
+from anofpdm_monai.segmentation import SegmentationResult, VolumeInputs, health_similarity, median_filter
 
 if TYPE_CHECKING:
     from anofpdm_monai.data import PreprocessedStore
@@ -106,37 +110,6 @@ class VolumeCalibration:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VolumeCalibration:
         return cls(**data)
-
-
-@dataclass
-class VolumeInputs:
-    """What the volume decisions need of one volume besides the forward process.
-
-    Attributes:
-        brain: (B, S, S) bool brain pixels of the slices (:func:`anofpdm_monai.metrics.brain_foreground`).
-        slice_indices: (B,) axial index of each slice; slices whose indices are not consecutive are
-            not connected in 3-D (e.g. a ``--max-slices`` subset).
-        voxel_mm: (x, y, z) size in mm of a voxel of the stacked S x S slices.
-    """
-
-    brain: torch.Tensor
-    slice_indices: np.ndarray
-    voxel_mm: tuple[float, float, float]
-
-    @classmethod
-    def from_slices(cls, x0: torch.Tensor, slice_indices: Sequence[int] | None, voxel_mm: Sequence[float] | None) -> VolumeInputs:
-        """From (B, C, S, S) slices in [-1, 1]; ``slice_indices`` None means consecutive slices."""
-        if voxel_mm is None:
-            raise ValueError(
-                "the slices' voxel size is unknown (a store preprocessed before it was recorded); "
-                "the volume family sizes lesions in mm^3: preprocess the cohort again"
-            )
-        indices = np.arange(x0.shape[0]) if slice_indices is None else np.asarray(slice_indices, dtype=np.int64)
-        if indices.shape != (x0.shape[0],):
-            raise ValueError(f"slice_indices holds {indices.shape[0]} entries for {x0.shape[0]} slices")
-        if len(voxel_mm) != 3 or not all(float(v) > 0 for v in voxel_mm):
-            raise ValueError(f"voxel_mm={tuple(voxel_mm)} must be three positive sizes in mm")
-        return cls(brain_foreground(x0).cpu(), indices, tuple(float(v) for v in voxel_mm))
 
 
 def _stacked(slice_indices: np.ndarray) -> np.ndarray:
@@ -447,3 +420,35 @@ def validation_volumes(
         inputs = VolumeInputs.from_slices(images, indices, voxel_mm)
         volumes.append(ValidationVolume(forward(images, patient, indices), inputs, labels.numpy()))
     return volumes
+
+
+def calibrate_section(context: SectionContext) -> VolumeCalibration:
+    """The section's calibration hook: :func:`calibrate_volume_mode` on ``context.cases`` whole validation patients."""
+    return calibrate_volume_mode(validation_volumes(context.store, context.forward, context.cases, context.seed))
+
+
+def volume_decision(result: ForwardProcessResult, volume: VolumeInputs, calibration, section: VolumeCalibration, setup: str) -> SegmentationResult:
+    """The :class:`~anofpdm_monai.methods.Decision` hook of the volume family (:func:`volume_segment`)."""
+    if volume is None:
+        raise ValueError("the volume decision needs the volume's VolumeInputs")
+    return volume_segment(result, volume, section, setup=setup)
+
+
+def describe(volume: VolumeCalibration) -> str:
+    """One line on the calibrated volume family, for the calibration's log."""
+    return (f"volume family ({volume.n_val_volumes} patients, {volume.n_val_slices} slices): pixel level q={volume.pixel_quantile} "
+            f"(map >= {volume.pixel_threshold:.4g}), components >= {volume.min_lesion_mm3:g} mm^3, health by "
+            f"{volume.health}{' (with neighbours)' if volume.smooth_slices else ''}: accuracy {volume.accuracy:.3f}")  # fmt: skip
+
+
+SECTION = CalibrationSection(
+    "volume", VolumeCalibration, calibrate_section, describe=describe,
+    missing="recalibrate with volume mode on (anofpdm calibrate -m MODEL -d PREP --volume-only) to use the -volume methods",
+)  # fmt: skip
+register_decision(Decision("volume", volume_decision, section=SECTION, needs_volume=True))
+for _encoding in ENCODINGS:
+    register(AnoFPDMMethod(
+        f"anofpdm-{_encoding}-volume",
+        f"the volume family on the {_encoding.upper()} forward process: brain-pixel threshold, 3-D components in mm^3, calibrated health statistic",
+        encoding=_encoding, variant="volume",
+    ))  # fmt: skip

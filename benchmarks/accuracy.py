@@ -41,8 +41,8 @@ from _common import markdown_table, write_json  # noqa: E402
 from anofpdm_monai.baselines import Direction, apply_threshold, best_threshold_dice, lesion_polarity  # noqa: E402
 from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.config import ModelConfig  # noqa: E402
-from anofpdm_monai.evaluation import BASELINES, load_case_results  # noqa: E402
-from anofpdm_monai.inferers import ANOFPDM_METHODS, calibration_path  # noqa: E402
+from anofpdm_monai.evaluation import load_case_results  # noqa: E402
+from anofpdm_monai.model import available_methods  # noqa: E402
 from anofpdm_monai.metrics import PooledAUPRC, dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import UNHEALTHY  # noqa: E402
 from data_prep.phantom import generate_cohort, load_lesion_metadata, parse_lesions  # noqa: E402
@@ -61,17 +61,8 @@ TEST_SEEDS = {"brats": 2, "atlas": 12}
 
 
 def model_methods(model: Path) -> list[str]:
-    """Every method ``model`` supports: the ``-volume`` ones only when its calibration has a "volume" section.
-
-    The DDPM methods read ``calibration_ddpm.json``, falling back to ``calibration.json`` as evaluate does.
-    """
-    methods = []
-    for method, (encoding, variant) in ANOFPDM_METHODS.items():
-        path = calibration_path(model, encoding)
-        path = path if path.is_file() else calibration_path(model, "ddim")
-        if variant != "volume" or json.loads(path.read_text()).get("volume") is not None:
-            methods.append(method)
-    return [*methods, *BASELINES]
+    """Every method ``model`` supports (the library's :func:`~anofpdm_monai.model.available_methods`)."""
+    return available_methods(model)
 
 
 def check_kinds(raw: Path, kinds: tuple[str, ...], name: str) -> tuple[dict[str, int], list[str]]:
@@ -284,7 +275,7 @@ def main() -> None:
     parser.add_argument("--val-cases", type=int, default=10, help="ddib's validation cohort (10: every brats kind)")
     parser.add_argument("--work", default="/tmp/anofpdm_accuracy")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward process (8: the fastest per slice on 2 CPU cores)")
-    parser.add_argument("--ddib-depth", type=int, default=300, help="encoding depth of the ddib baseline")
+    parser.add_argument("--ddib-depth", type=int, default=300, help="encoding depth of the ddib baseline (its w and threshold are tuned)")
     parser.add_argument("--out", default=None, help="JSON (default: benchmarks/results/accuracy.json, accuracy_atlas.json)")
     args = parser.parse_args()
     layout_defaults = {"brats": ("bundled", "accuracy.json"), "atlas": ("bundled-atlas", "accuracy_atlas.json")}
@@ -309,7 +300,7 @@ def main() -> None:
     results = test.parent / f"{test.name.removesuffix('_store')}_results_{'+'.join(methods)}"
     subset = ["--max-slices", str(args.max_slices)] if args.max_slices > 0 else []
     code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", ",".join(methods),
-                "--batch-size", str(args.batch_size), "--ddib-depth", str(args.ddib_depth),
+                "--batch-size", str(args.batch_size), "--tune", f"ddib.depth={args.ddib_depth}",
                 *val_args, *subset])  # fmt: skip
     seconds = time.perf_counter() - start
     evaluated = Evaluated(results, raw, test)

@@ -27,7 +27,7 @@ from _common import print_table, write_json  # noqa: E402
 
 from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.data import PreprocessedStore  # noqa: E402
-from anofpdm_monai.inferers import SliceInferer, VolumeInferer  # noqa: E402
+from anofpdm_monai.inferers import ForwardProcessInferer, VolumeInferer  # noqa: E402
 from anofpdm_monai.metrics import dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import NoisePredictor, use_bf16  # noqa: E402
 from anofpdm_monai.readers import read_brats  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
     for precision in args.precisions.split(","):
         predict_eps = NoisePredictor(base.predict_eps.network, autocast=use_bf16(precision, torch.device("cpu")))
         for stride in [int(k) for k in args.strides.split(",")]:
-            inferer = SliceInferer(predict_eps, base.alphas_cumprod, base.calibration, stride=stride,
+            inferer = ForwardProcessInferer(predict_eps, base.alphas_cumprod, base.calibration, stride=stride,
                                    setup="unhealthy", batch_size=args.batch_size)  # fmt: skip
             start = time.perf_counter()
             out = inferer(images)["aggregated"]

@@ -10,13 +10,11 @@ import argparse
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
+from anofpdm_monai.baselines import lesion_polarity
 from anofpdm_monai.bundled import bundled_model_dir
-from anofpdm_monai.evaluation import Cohort, CohortEvaluator, merge_results, supported_methods
-from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.evaluation import EvaluationSettings, evaluate_cohort
 from anofpdm_monai.io import InputError
-from anofpdm_monai.model import DEFAULT_BATCH_SIZE
+from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings, available_methods
 from data_prep.phantom import generate_cohort
 from pipelines.options import add_device_arguments
 
@@ -55,18 +53,16 @@ def run_demo(out: Path, layout: str, cases: int, model_dir: Path, *, device: str
     raw, segmentations, evaluation = out / "phantom", out / "segmentations", out / "evaluation"
     print(f"1/3 generating {cases} phantom {layout.upper()}-layout patients (seed {DEMO_SEED}) in {raw}")
     generate_cohort(raw, layout, cases, healthy_fraction=0.0, seed=DEMO_SEED)
-    methods = [m for m in DEMO_METHODS if m in supported_methods(model_dir)]
+    methods = [m for m in DEMO_METHODS if m in available_methods(model_dir)]
     print(f"2/3 segmenting them with the model {model_dir.name} ({', '.join(methods[:-1])}: both families, "
           "one forward process, calibrated fast mode)")
-    inferer = VolumeInferer(model_dir, batch_size=batch_size, device=device, precision=precision)
-    cohort = Cohort(raw, inferer)
-    evaluator = CohortEvaluator(inferer, methods, evaluation, outputs_dir=segmentations)
-    for case_id in tqdm(cohort.case_ids, desc="segment + evaluate", unit="case"):
-        evaluator.evaluate_case(cohort.load(case_id))
-    channels = "+".join(c.upper() for c in inferer.config.preprocess.map_channels)
+    model = AnoFPDMModel.from_folder(model_dir, device)
+    settings = InferenceSettings(batch_size=batch_size, precision=precision)
+    evaluate_cohort(model, raw, evaluation, settings, EvaluationSettings(methods=tuple(methods)), outputs_dir=segmentations)
+    channels = "+".join(c.upper() for c in model.config.preprocess.map_channels)
+    polarity = lesion_polarity(model.config.preprocess.map_channels)
     print(f"3/3 Table-1-style summary (threshold = oracle intensity threshold on {channels}, "
-          f"{POLARITY_WORDS[evaluator.polarity]}: an upper bound that uses pixel labels)")
-    merge_results(evaluation, cohort.case_ids, methods)
+          f"{POLARITY_WORDS[polarity]}: an upper bound that uses pixel labels)")
     print((evaluation / "summary.md").read_text())
     print(f"{methods[0]} masks and anomaly maps (NIfTI, on each input's grid) and PNG overlays: {segmentations}")
     print(f"tables: {evaluation / 'slices.csv'}, {evaluation / 'cases.csv'}, {evaluation / 'summary.json'}")

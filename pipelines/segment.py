@@ -8,9 +8,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from anofpdm_monai.api import resolve_parts, segment_records, shard
-from anofpdm_monai.inferers import ANOFPDM_METHODS, SAVE_ANOMALY, VolumeInferer
+from anofpdm_monai.inferers import SAVE_ANOMALY, VolumeInferer
 from anofpdm_monai.io import InputError
 from anofpdm_monai.logs import get_logger, log_to_file
+from anofpdm_monai.methods import anofpdm_methods
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, InferenceSettings
 from anofpdm_monai.provenance import check_continuation, inference_settings, write_run_record
 from anofpdm_monai.readers import records_for_inference
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="trained model folder, or 'bundled'")
     parser.add_argument("-i", "--input", required=True, nargs="+", help="case folder(s), NIfTI file(s), a cohort folder or a manifest CSV")
     parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(ANOFPDM_METHODS), help="decision method (docs/segment.md)")
+    parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(anofpdm_methods()), help="decision method (docs/segment.md)")
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: calibrated)")
     parser.add_argument("--stride", type=int, default=None, help="stride k (default: calibrated)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")

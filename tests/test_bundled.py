@@ -70,7 +70,7 @@ def test_bundled_model_loads_and_matches_its_config_and_calibration(name):
         assert calibration.w in calibration.w_grid and max(calibration.w_grid) >= min_w_max
         assert 1 <= calibration.stride and calibration.steps <= config.diffusion.num_train_timesteps
         assert calibration.steps in calibration.steps_grid or not calibration.steps_grid
-        assert calibration.volume is not None, "the bundled calibrations carry the volume family"
+        assert calibration.section("volume") is not None, "the bundled calibrations carry the volume family"
     assert config.preprocess.crop_foreground, "the bundled models are trained on the brain-cropped chain"
     s = config.network.image_size
     x = torch.zeros(2, config.network.in_channels, s, s)

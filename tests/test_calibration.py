@@ -249,3 +249,30 @@ def test_calibration_files_without_budget_fields_still_load(tmp_path):
     (tmp_path / "calibration.json").write_text(json.dumps(data))
     loaded = Calibration.load(tmp_path / "calibration.json")
     assert loaded.steps == 4 and loaded.steps_grid == [] and loaded.accuracy_by_steps == []
+
+
+def test_schema_version_older_files_load_and_newer_ones_are_refused_naming_both(tmp_path):
+    from anofpdm_monai.calibration import SCHEMA_VERSION
+    from anofpdm_monai.io import InputError
+    from anofpdm_monai.volume_mode import VolumeCalibration
+
+    calibration = Calibration(w=1.0, thr_01=0.9, D=[0.1], steps=4, stride=1, encoding="ddim", map_channels=[0], map_channel_indices=[0])
+    data = calibration.to_dict()
+    assert data["schema_version"] == SCHEMA_VERSION and "sections" not in data
+    old = {k: v for k, v in data.items() if k != "schema_version"}
+    old["volume"] = None  # version 1 wrote the volume family's key, null without it
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = Calibration.load(tmp_path / "old.json")
+    assert loaded.schema_version == SCHEMA_VERSION and loaded.section("volume") is None
+    volume = dict(map_filter=3, pixel_quantile=0.99, pixel_threshold=1e-4, min_lesion_mm3=20.0, health="dmax",
+                  smooth_slices=True, health_threshold=1e-4, accuracy=0.9, mask_accuracy=0.9)  # fmt: skip
+    (tmp_path / "v1_volume.json").write_text(json.dumps({**old, "volume": volume}))
+    assert Calibration.load(tmp_path / "v1_volume.json").section("volume") == VolumeCalibration(**volume)  # typed once, on load
+    (tmp_path / "new.json").write_text(json.dumps({**data, "schema_version": SCHEMA_VERSION + 1, "future": 1}))
+    with pytest.raises(InputError) as err:
+        Calibration.load(tmp_path / "new.json")
+    assert str(err.value) == (f"{tmp_path / 'new.json'}: written with schema_version {SCHEMA_VERSION + 1}, but this "
+                              f"anofpdm_monai reads up to {SCHEMA_VERSION}; upgrade anofpdm_monai to a release that reads it")  # fmt: skip
+    (tmp_path / "bad.json").write_text(json.dumps({**old, "volume": {**volume, "health": "nope"}}))
+    with pytest.raises(InputError, match="the 'volume' section is not valid"):
+        Calibration.load(tmp_path / "bad.json")

@@ -130,3 +130,19 @@ def test_check_register_to(tmp_path):
     check_register_to(str(tmp_path / "t.nii.gz"))
     with pytest.raises(ValueError, match="or null for no registration"):
         check_register_to("")
+
+
+def test_config_schema_version_older_files_load_and_newer_ones_are_refused(tmp_path):
+    from anofpdm_monai.config import CONFIG_SCHEMA_VERSION, ModelConfig
+
+    config = ModelConfig()
+    config.save(tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["schema_version"] == CONFIG_SCHEMA_VERSION
+    del data["schema_version"]  # a config.json of version 1
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert ModelConfig.load(tmp_path / "old.json") == config
+    (tmp_path / "new.json").write_text(json.dumps({**data, "schema_version": CONFIG_SCHEMA_VERSION + 1}))
+    with pytest.raises(InputError, match=rf"new.json: written with schema_version {CONFIG_SCHEMA_VERSION + 1}, "
+                                         rf"but this anofpdm_monai reads up to {CONFIG_SCHEMA_VERSION}"):  # fmt: skip
+        ModelConfig.load(tmp_path / "new.json")

@@ -20,6 +20,8 @@ from anofpdm_monai.baselines import best_threshold_dice, tune_pixel_threshold
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, load_case_results, merge_results, select_slices
 from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.methods import MethodContext, get_method
+from anofpdm_monai.tuning import method_maps
 from anofpdm_monai.metrics import brain_foreground
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from pipelines.cli import main
@@ -134,36 +136,54 @@ def small_val_store(store: Path, folder: Path, per_label: int = 4) -> Path:
 def test_ddib_baseline_is_tuned_on_validation_pixel_labels(model, brats_store, tmp_path):
     results = tmp_path / "results"
     val = small_val_store(brats_store, tmp_path / "val_store")
-    args = ("-m", model, "-i", brats_store, "-o", results, "--methods", "anofpdm-ddim,ddib", "--ddib-depth", 40)
+    args = ("-m", model, "-i", brats_store, "-o", results, "--methods", "anofpdm-ddim,ddib", "--tune", "ddib.depth=40",
+            "--tune", "ddib.w=1,2")  # fmt: skip
     assert evaluate(*args, "--max-slices", 6, "--val-data", val) == 0
-    tuned = json.loads((results / "ddib.json").read_text())
-    assert tuned["uses_pixel_labels"] is True and Path(tuned["tuned_on"]) == val
+    cache = results / "tuning" / "ddib.json"
+    tuned = json.loads(cache.read_text())
+    assert tuned["uses_pixel_labels"] is True and Path(tuned["key"]["tuned_on"]) == val.resolve()
+    assert tuned["key"]["grid"] == {"depth": [40], "w": [1, 2]} and len(tuned["result"]["grid"]) == 2
+    setups = tuned["result"]["setups"]
+    assert set(setups) == {"mixed", "unhealthy"} and all(t["params"]["depth"] == 40 for t in setups.values())
+    run = json.loads((results / "run.json").read_text())
+    assert run["settings"]["tuning"]["ddib"] == setups  # recorded in run.json
     summary = json.loads((results / "summary.json").read_text())
     assert summary["ddib"]["uses_pixel_labels"] and not summary["anofpdm-ddim"]["uses_pixel_labels"]
-    assert summary["ddib"]["calls_per_slice"] == 3  # depth 40, stride 20: one inversion call, two guided decoding calls
     markdown = (results / "summary.md").read_text()
-    assert "| ddib † |" in markdown and "† uses pixel labels: ddib's threshold is tuned on validation masks" in markdown
+    assert "| ddib † |" in markdown and "† uses pixel labels: ddib's depth, w and threshold are tuned on validation masks" in markdown
     slices = pd.read_csv(results / "slices.csv")
     ddib = slices[slices["method"] == "ddib"]
     assert len(ddib) == 6 and ddib["pred_label"].isna().all()
     arrays = np.load(results / "cases" / f"{ddib['case'].iloc[0]}.npz")
-    np.testing.assert_array_equal(arrays["ddib/masks"], arrays["ddib/maps"] >= tuned["threshold"])
+    mixed_maps = arrays["ddib/mixed_maps"] if "ddib/mixed_maps" in arrays else arrays["ddib/maps"]
+    for key, maps, setup in (("ddib/masks", arrays["ddib/maps"], "unhealthy"), ("ddib/mixed_masks", mixed_maps, "mixed")):
+        np.testing.assert_array_equal(arrays[key], (maps >= setups[setup]["threshold"]) & arrays["foreground"])
+    # depth 40, stride 20: one inversion call and two guided decoding calls per map
+    assert summary["ddib"]["calls_per_slice"] == 3 * (2 if "ddib/mixed_maps" in arrays else 1)
 
-    # the cached threshold is reused for the same model and settings, and tuned again for another depth
-    cache = results / "ddib.json"
-    cache.write_text(json.dumps({**tuned, "threshold": 123.0}))
+    # the cached tuning is reused for the same model and settings, and tuned again for another grid
+    cache.write_text(json.dumps({**tuned, "result": {**tuned["result"], "setups": {
+        k: {**v, "threshold": 123.0} for k, v in setups.items()}}}))  # fmt: skip
     ddib_only = ("-m", model, "-i", brats_store, "-o", results, "--methods", "ddib", "--max-slices", 2, "--val-data", val)
-    assert evaluate(*ddib_only, "--ddib-depth", 40) == 0
-    assert json.loads(cache.read_text())["threshold"] == 123.0
-    assert evaluate(*ddib_only, "--ddib-depth", 20) == 0
+    assert evaluate(*ddib_only, "--tune", "ddib.depth=40", "--tune", "ddib.w=1,2") == 0
+    assert json.loads(cache.read_text())["result"]["setups"]["mixed"]["threshold"] == 123.0
+    assert evaluate(*ddib_only, "--tune", "ddib.depth=20", "--tune", "ddib.w=1") == 0
     retuned = json.loads(cache.read_text())
-    assert retuned["threshold"] != 123.0 and retuned["settings"]["depth"] == 20
-    # the threshold is the pooled-DICE optimum of the ddib maps of exactly those validation slices
-    evaluator = CohortEvaluator(VolumeInferer(model, device="cpu"), ["ddib"], tmp_path / "unused", ddib_depth=40)
+    assert retuned["result"]["setups"]["mixed"]["threshold"] != 123.0 and retuned["key"]["grid"]["depth"] == [20]
+    # the mixed threshold is the pooled-DICE optimum of the ddib maps of exactly those validation slices
     store = PreprocessedStore(val)
     images, masks, _ = store.load_slices(store.rows("val"))
-    maps, _ = evaluator.ddib_maps(images)
-    assert tuned["threshold"] == pytest.approx(tune_pixel_threshold(maps, masks, brain_foreground(images)))
+    inferer = VolumeInferer(model, device="cpu")
+    context = MethodContext(inferer.model, inferer.settings)
+    maps, _ = method_maps(get_method("ddib"), context, images, [0] * len(images), {"depth": 20, "w": 1})
+    assert retuned["result"]["setups"]["mixed"]["threshold"] == pytest.approx(tune_pixel_threshold(maps, masks, brain_foreground(images)))
+
+
+def test_unknown_tuning_hyperparameter_is_one_line_naming_the_flag(model, brats_store, tmp_path, capsys):
+    rc = evaluate("-m", model, "-i", brats_store, "-o", tmp_path / "r", "--methods", "ddib", "--tune", "ddib.depht=40")
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tune: ddib has no hyperparameter ['depht']" in err and "\n" not in err
 
 
 # ---------------------------------------------------------------- metrics by hand

@@ -10,6 +10,7 @@ from test_segment import AFFINES, make_model, use_oracle, write_case
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, load_case_results
 from anofpdm_monai.inferers import VolumeInferer, slice_seeds
+from anofpdm_monai.volume_mode import VolumeCalibration
 
 VOLUME_SECTION = dict(map_filter=3, pixel_quantile=0.99, pixel_threshold=1e-4, min_lesion_mm3=20.0, health="dmax",
                       smooth_slices=True, health_threshold=1e-4, accuracy=0.9, mask_accuracy=0.9)  # fmt: skip
@@ -20,7 +21,7 @@ def model(tmp_path_factory: pytest.TempPathFactory):
     """A model folder with DDIM and DDPM calibrations, both with the volume family (run with the OracleHealer)."""
     folder = make_model(tmp_path_factory.mktemp("inferers") / "model", w=1.0, thr_01=0.99, D=10.0)
     calibration = Calibration.load(folder / "calibration.json")
-    calibration.volume = VOLUME_SECTION
+    calibration.sections["volume"] = VolumeCalibration(**VOLUME_SECTION)
     calibration.save(folder / "calibration.json")
     calibration.encoding = "ddpm"
     calibration.save(folder / "calibration_ddpm.json")
@@ -71,8 +72,8 @@ def test_segment_and_evaluate_give_the_same_mask(model, case, method, monkeypatc
 
 
 def test_a_calibration_without_the_volume_section_runs_the_paper_family_and_says_to_recalibrate(tmp_path):
-    from anofpdm_monai.evaluation import supported_methods
     from anofpdm_monai.io import InputError
+    from anofpdm_monai.model import available_methods as supported_methods
 
     folder = make_model(tmp_path / "old")  # a calibration.json as written before the volume family existed
     VolumeInferer(folder, method="anofpdm-ddim", device="cpu")

@@ -41,7 +41,7 @@ def model(tiny_model_d1: Path) -> Path:
 @pytest.fixture(scope="module")
 def results(model: Path, brats_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``evaluate --report`` over the train split's two patients (16 slices)."""
-    from anofpdm_monai.evaluation import supported_methods
+    from anofpdm_monai.model import available_methods as supported_methods
 
     methods = ",".join(m for m in METHODS.split(",") if m in supported_methods(model))
     out = tmp_path_factory.mktemp("report") / "results"
@@ -172,7 +172,7 @@ def test_segment_keeps_the_health_score_and_d_of_its_decision():
     """The stored curves are the decision's own: unhealthy iff health >= its threshold (the paper: sim <= thr_01)."""
     from anofpdm_monai.calibration import Calibration
     from anofpdm_monai.forward_process import ForwardProcessResult
-    from anofpdm_monai.segmentation import segment
+    from anofpdm_monai.segmentation import decide_slices as segment
 
     b, k, m, s = 4, 3, 2, 8
     g = torch.Generator().manual_seed(0)

@@ -13,13 +13,13 @@ from anofpdm_monai.forward_process import run_forward_process
 from anofpdm_monai.networks import HEALTHY, build_scheduler
 from anofpdm_monai.segmentation import (
     anomaly_map,
+    decide_slices,
     dynamic_threshold,
     health_similarity,
     min_component_area,
     predict_unhealthy,
     remove_small_components,
     rowwise_quantile,
-    segment,
 )
 
 ABAR = build_scheduler(DiffusionConfig()).alphas_cumprod
@@ -159,7 +159,7 @@ def test_segment_region_predictor_by_hand(variant):
     # fall between the 240 background zeros and the 16 region values: quantile = frac * value.
     calibration = make_calibration(thr_01=2.0, D=[dmax[0] / 0.5, dmax[1] / 0.52])
     threshold = (0.7 * values[0] + 0.292 * values[1]) / 2
-    out = segment(result, calibration, variant=variant)
+    out = decide_slices(result, calibration, variant=variant)
     torch.testing.assert_close(out.quantile, torch.tensor([[0.94, 0.9384]]), atol=1e-6, rtol=0)
     assert out.threshold.item() == pytest.approx(threshold, rel=1e-4)
     assert out.predicted_unhealthy.tolist() == [True]
@@ -183,8 +183,8 @@ def test_aggregated_map_excluding_end_step_by_hand():
 def test_segment_setups_for_a_slice_predicted_healthy():
     result = run_region()
     healthy = make_calibration(thr_01=-2.0, D=[0.05, 0.05])
-    mixed = segment(result, healthy, setup="mixed")
-    unhealthy = segment(result, healthy, setup="unhealthy")
+    mixed = decide_slices(result, healthy, setup="mixed")
+    unhealthy = decide_slices(result, healthy, setup="unhealthy")
     assert mixed.predicted_unhealthy.tolist() == [False]
     assert not mixed.masks.any()
     assert unhealthy.masks.any()
@@ -196,12 +196,12 @@ def test_segment_bad_arguments():
     two = run_forward_process(predict, x0, ABAR, guidance_scales=[1.0, 2.0], steps=4, stride=STRIDE)
     calibration = make_calibration(thr_01=0.5, D=[1.0])
     with pytest.raises(ValueError, match="G = 2"):
-        segment(two, calibration)
+        decide_slices(two, calibration)
     with pytest.raises(ValueError, match="setup"):
-        segment(two.select(0), calibration, setup="healthy")
+        decide_slices(two.select(0), calibration, setup="healthy")
     with pytest.raises(ValueError, match="variant"):
-        segment(two.select(0), calibration, variant="first")
-    assert segment(two.select(1), calibration).masks.shape == (1, SIZE, SIZE)
+        decide_slices(two.select(0), calibration, variant="first")
+    assert decide_slices(two.select(1), calibration).masks.shape == (1, SIZE, SIZE)
 
 
 def test_overlay_shows_largest_masks_then_strongest_maps():
