@@ -292,6 +292,7 @@ def ddib_reconstruction(
 DDIB_DEPTHS = (200, 400)
 
 
+@torch.no_grad()
 def ddib_maps(context: MethodContext, x0: torch.Tensor, seeds: Sequence[int], params: dict) -> MapsResult:
     """The ``ddib`` method's maps hook: :func:`ddib_reconstruction` at ``params`` ``depth`` and ``w`` on the
     main model, at the run's stride (else the DDIM calibration's) on the calibration's map channels

@@ -16,11 +16,12 @@ import torch
 
 from anofpdm_monai.config import ModelConfig
 from anofpdm_monai.io import InputError, safe_torch_load
+from anofpdm_monai.methods import COMPONENTS_FOLDER
 from anofpdm_monai.networks import NoisePredictor, build_classifier, build_network, load_weights, use_bf16
 from anofpdm_monai.provenance import file_sha256
 from anofpdm_monai.training import RECIPES, Recipe, saved_recipe_name
 
-BASELINES_DIR = "baselines"
+BASELINES_DIR = COMPONENTS_FOLDER
 
 
 def component_dir(model_dir: str | Path, name: str) -> Path:
@@ -30,8 +31,9 @@ def component_dir(model_dir: str | Path, name: str) -> Path:
 
 def training_command(model_dir: str | Path, name: str) -> str:
     """The command that trains the component ``name`` into its place (docs/training.md)."""
-    init = f" --init-from {model_dir}" if RECIPES[name].network == "unet" else ""
-    return f"anofpdm train --recipe {name} -d STORE -o {component_dir(model_dir, name)}{init}"
+    if RECIPES[name].network == "unet":  # each a whole command (tests/test_imports.py: no flag outside one)
+        return f"anofpdm train --recipe {name} -d STORE -o {component_dir(model_dir, name)} --init-from {model_dir}"
+    return f"anofpdm train --recipe {name} -d STORE -o {component_dir(model_dir, name)}"
 
 
 @dataclass

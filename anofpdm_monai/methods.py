@@ -37,7 +37,7 @@ from anofpdm_monai.io import InputError
 
 KINDS = ("anofpdm", "reconstruction", "threshold")
 SETUPS = ("mixed", "unhealthy")
-COMPONENTS_FOLDER = "baselines"
+COMPONENTS_FOLDER = "baselines"  # MODEL/baselines/NAME/: the components of a model folder (anofpdm_monai.components)
 # Modules whose import registers methods, decisions and calibration sections (in this order).
 METHOD_MODULES = ("anofpdm_monai.segmentation", "anofpdm_monai.volume_mode", "anofpdm_monai.baselines")
 
@@ -268,7 +268,9 @@ class ReconstructionMethod(Method):
         maps: ``(context, x0 (B, C, S, S) in [-1, 1] on the device, seeds (B,) ints, params) -> MapsResult``;
             ``seeds`` are the slices' own seeds (:func:`~anofpdm_monai.inferers.slice_seeds`): a stochastic
             method draws slice b's noise from ``torch.Generator(device).manual_seed(seeds[b])``, so its maps do
-            not depend on the batch; ``params`` holds one value per hyperparameter of ``grid``.
+            not depend on the batch; ``params`` holds one value per hyperparameter of ``grid``. Called outside
+            ``torch.no_grad()``: a method that needs gradients (classifier guidance) takes them, the others
+            decorate it with ``@torch.no_grad()``.
         grid: ``(context) -> {hyperparameter: [candidate values]}``, the default tuning grid (a run may replace
             any hyperparameter's candidates: ``evaluate --tune NAME.PARAM=v1,v2``); every combination is run
             on the validation slices and, with the best map threshold each, the best one per setup is kept.
