@@ -29,9 +29,9 @@ def component_dir(model_dir: str | Path, name: str) -> Path:
 
 
 def training_command(model_dir: str | Path, name: str) -> str:
-    """The command that trains the component ``name`` into its place (docs/training.md)."""
-    init = f" --init-from {model_dir}" if RECIPES[name].network == "unet" else ""
-    return f"anofpdm train --recipe {name} -d STORE -o {component_dir(model_dir, name)}{init}"
+    """How to train the component ``name`` into its place, in words of the library's arguments (docs/training.md)."""
+    init = f", init_from {model_dir}" if RECIPES[name].network == "unet" else ""
+    return f"anofpdm train with recipe {name}, output {component_dir(model_dir, name)}{init} (docs/training.md)"
 
 
 @dataclass
@@ -78,16 +78,16 @@ def load_component(model_dir: str | Path, name: str, main_config: ModelConfig, d
         raise ValueError(f"{name!r} is not a component recipe; choose one of {[r for r in RECIPES if RECIPES[r].is_component]}")
     folder = component_dir(model_dir, name)
     if not (folder / "model.pt").is_file() or not (folder / "config.json").is_file():
-        raise InputError(f"{folder}: no {name} component in this model folder; train it with `{training_command(model_dir, name)}`")
+        raise InputError(f"{folder}: no {name} component in this model folder; train it: {training_command(model_dir, name)}")
     found = saved_recipe_name(folder)
     if found != name:
-        raise InputError(f"{folder}: holds a model trained with recipe {found!r}, not {name!r}; retrain it with "
-                         f"`{training_command(model_dir, name)}`")  # fmt: skip
+        raise InputError(f"{folder}: holds a model trained with recipe {found!r}, not {name!r}; retrain it: "
+                         f"{training_command(model_dir, name)}")  # fmt: skip
     config = ModelConfig.load(folder / "config.json")
     if config.preprocess != main_config.preprocess or config.diffusion != main_config.diffusion:
         raise InputError(
             f"{folder / 'config.json'}: the component was trained on another preprocessing chain or noise schedule than "
-            f"the model in {model_dir}; retrain it on the model's store with `{training_command(model_dir, name)}`"
+            f"the model in {model_dir}; retrain it on the model's store: {training_command(model_dir, name)}"
         )
     recipe = RECIPES[name]
     network = (build_classifier if recipe.network == "classifier" else build_network)(config.network)

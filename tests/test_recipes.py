@@ -163,7 +163,7 @@ def test_load_component_finds_checks_and_names_the_command(micro_store, tmp_path
 
     main = train(settings(micro_store, tmp_path / "model"))
     config = ModelConfig.load(main / "config.json")
-    with pytest.raises(InputError, match=r"no classifier component.*anofpdm train --recipe classifier -d STORE -o .*baselines/classifier`"):
+    with pytest.raises(InputError, match=r"no classifier component.*anofpdm train with recipe classifier, output .*baselines/classifier \(docs"):
         load_component(main, "classifier", config)
     train(settings(micro_store, component_dir(main, "classifier"), recipe="classifier"))
     train(settings(micro_store, component_dir(main, "anoddpm-gaussian"), recipe="anoddpm-gaussian", init_from=main))
