@@ -93,9 +93,8 @@ from anofpdm_monai.baselines import _check_ddib_args, _unguided_eps
 from anofpdm_monai.forward_process import ddim_step, predicted_x0
 from anofpdm_monai.guidance import EpsPredictor
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
-from anofpdm_monai.noise import simplex_noise
+from anofpdm_monai.noise import NOISE_KINDS, draw_noise
 
-NOISE_KINDS = ("gaussian", "simplex")
 SETUPS = ("mixed", "unhealthy")
 CGCDM_DELTA = 0.05
 """Hu et al.'s condition step: their second trajectory's embedding is 0.95 e_1 + 0.05 e_0."""
@@ -149,35 +148,6 @@ class CGCDMResult:
 # ---------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------
-
-
-def _per_slice(generators: Generators, batch: int) -> list[torch.Generator] | None:
-    """``generators`` as a list of one per slice, None for the global generator."""
-    if generators is None:
-        return None
-    if isinstance(generators, torch.Generator):
-        return [generators] * batch
-    generators = list(generators)
-    if len(generators) != batch:
-        raise ValueError(f"generators: got {len(generators)} for a batch of {batch} slices; give one per slice")
-    return generators
-
-
-def draw_noise(kind: str, shape: Sequence[int], generators: Generators, device: torch.device) -> torch.Tensor:
-    """(B, C, S, S) float32 noise of ``kind`` on ``device``, one draw per slice from its own generator.
-
-    Gaussian noise is drawn on each generator's device; simplex noise comes from
-    :func:`anofpdm_monai.noise.simplex_noise` (CPU generators; the field is computed on ``device``).
-    A single generator is used for every slice in turn; None uses torch's global generator.
-    """
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"noise={kind!r} must be one of {NOISE_KINDS}")
-    gens = _per_slice(generators, int(shape[0]))
-    if kind == "simplex":
-        return simplex_noise(tuple(shape), gens, device=device)
-    if gens is None:
-        return torch.randn(tuple(shape), device=device)
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device).to(device) for g in gens])
 
 
 def _map_error(x0: torch.Tensor, reconstruction: torch.Tensor, map_channels: Sequence[int], power: int) -> torch.Tensor:
@@ -272,8 +242,9 @@ def anoddpm_reconstruction(
         map_channels: channel indices the map is computed on.
         noise: ``"gaussian"`` or ``"simplex"`` (:func:`anofpdm_monai.noise.simplex_noise`), for the
             first noising and every ancestral step.
-        generators: one ``torch.Generator`` per slice (CPU ones for simplex) so a slice's result does not
-            depend on its batch; a single generator or None (torch's global one) also works.
+        generators: one CPU ``torch.Generator`` per slice, so a slice's result does not depend on its
+            batch; a single generator or None (torch's global one) also works. The noise is drawn by
+            :func:`anofpdm_monai.noise.draw_noise` (Gaussian on the CPU, simplex fields on ``x0.device``).
 
     Returns:
         :class:`ReconstructionResult`; ``maps`` = mean over map channels of (x0 - reconstruction)^2.

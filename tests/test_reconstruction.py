@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-import anofpdm_monai.reconstruction as rec
+import anofpdm_monai.noise as noise_module
 from anofpdm_monai.config import NetworkConfig
 from anofpdm_monai.networks import HEALTHY, NULL, UNHEALTHY, NoisePredictor, build_network
 from anofpdm_monai.reconstruction import (
@@ -96,13 +96,13 @@ def test_anoddpm_shapes_calls_seed_and_batch_independence(noise):
 
 def test_anoddpm_simplex_draws_simplex_noise_for_every_step(monkeypatch):
     drawn = []
-    real = rec.simplex_noise
+    real = noise_module.simplex_noise
 
     def counting(shape, generator=None, **kwargs):
         drawn.append(tuple(shape))
         return real(shape, generator, **kwargs)
 
-    monkeypatch.setattr(rec, "simplex_noise", counting)
+    monkeypatch.setattr(noise_module, "simplex_noise", counting)
     x0 = _x0(batch=2)
     anoddpm_reconstruction(_Pointwise(), x0, ABAR, depth=10, stride=2, map_channels=[0], noise="gaussian", generators=_gens([0, 1]))
     assert drawn == []
