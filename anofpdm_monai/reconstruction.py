@@ -89,7 +89,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anofpdm_monai.baselines import _check_ddib_args, _unguided_eps
+from anofpdm_monai.baselines import check_reconstruction_args, unguided_eps
 from anofpdm_monai.forward_process import ddim_step, predicted_x0
 from anofpdm_monai.guidance import EpsPredictor
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
@@ -249,7 +249,7 @@ def anoddpm_reconstruction(
     Returns:
         :class:`ReconstructionResult`; ``maps`` = mean over map channels of (x0 - reconstruction)^2.
     """
-    _check_ddib_args(x0, alphas_cumprod, depth, stride, map_channels)
+    check_reconstruction_args(x0, alphas_cumprod, depth, stride, map_channels)
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise={noise!r} must be one of {NOISE_KINDS}")
     abar = _abar(alphas_cumprod)
@@ -259,7 +259,7 @@ def anoddpm_reconstruction(
     x = math.sqrt(abar[top]) * x0 + math.sqrt(1.0 - abar[top]) * draw_noise(noise, x0.shape, generators, x0.device)
     for i in range(len(steps) - 1, -1, -1):
         t = steps[i]
-        x0_hat = predicted_x0(x, _unguided_eps(predict_eps, x, t), abar[t])
+        x0_hat = predicted_x0(x, unguided_eps(predict_eps, x, t), abar[t])
         fresh = draw_noise(noise, x0.shape, generators, x0.device) if i > 0 else None
         x = ddpm_posterior_step(x, x0_hat, abar[t], abar[steps[i - 1]] if i > 0 else 1.0, fresh)
     return ReconstructionResult(maps=_map_error(x0, x, map_channels, 2), reconstruction=x, network_calls=len(steps))
@@ -303,7 +303,7 @@ def classifier_guided_reconstruction(
     Returns:
         :class:`ReconstructionResult`; ``maps`` = mean over map channels of |x0 - reconstruction|.
     """
-    _check_ddib_args(x0, alphas_cumprod, depth, stride, map_channels)
+    check_reconstruction_args(x0, alphas_cumprod, depth, stride, map_channels)
     if not math.isfinite(scale):
         raise ValueError(f"scale={scale} must be finite")
     abar = _abar(alphas_cumprod)
@@ -313,12 +313,12 @@ def classifier_guided_reconstruction(
     calls = classifier_calls = 0
     x = x0
     for t, t_next in zip(steps[:-1], steps[1:]):
-        eps = _unguided_eps(predict_eps, x, t)
+        eps = unguided_eps(predict_eps, x, t)
         x = ddim_step(x, predicted_x0(x, eps, abar[t]), eps, abar[t], abar[t_next])
         calls += 1
     for i in range(len(steps) - 1, -1, -1):
         t = steps[i]
-        eps = _unguided_eps(predict_eps, x, t)
+        eps = unguided_eps(predict_eps, x, t)
         calls += 1
         if scale != 0.0:
             eps = eps - scale * math.sqrt(1.0 - abar[t]) * classifier_log_prob_gradient(classifier, x, t, healthy)
@@ -371,7 +371,7 @@ class InterpolatedConditionPredictor:
 
 def _check_cgcdm_args(x0: torch.Tensor, alphas_cumprod: torch.Tensor, depth: int, steps: int, stride: int,
                       delta: float, scale: float, classifier: Classifier | None, map_channels: Sequence[int]) -> None:  # fmt: skip
-    _check_ddib_args(x0, alphas_cumprod, depth, stride, map_channels)
+    check_reconstruction_args(x0, alphas_cumprod, depth, stride, map_channels)
     visited = len(range(0, depth, stride))
     if not 1 <= steps <= visited:
         raise ValueError(f"steps={steps} must lie in [1, {visited}] (the visited steps below depth={depth} at stride={stride})")
