@@ -486,35 +486,32 @@ def candidate_thresholds(maps: np.ndarray, foreground: np.ndarray, count: int) -
     return np.append(quantiles, np.nextafter(maps.max(), np.inf))
 
 
-def per_slice_dice(maps: np.ndarray, masks: np.ndarray, thresholds: np.ndarray, chunk: int = 128) -> np.ndarray:
+def per_slice_dice(maps: np.ndarray, masks: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """(N, K) DICE of every slice's mask ``map >= threshold`` for every threshold, 1 where both are empty.
 
-    Exact and vectorised: per slice the map values are sorted once; pixels and lesion pixels at or
-    above each threshold come from a binary search and a cumulative lesion count.
+    Exact and vectorised without sorting pixels: each pixel's bin (how many thresholds it reaches) comes
+    from one binary search in the K thresholds; per-slice histograms of the bins, of all pixels and of
+    lesion pixels, summed from the top give the predicted and true-positive counts of every threshold.
 
     Args:
         maps: (N, S, S) anomaly maps.
         masks: (N, S, S) bool lesion masks.
-        thresholds: (K,) thresholds.
-        chunk: slices per block (bounds memory to ~chunk * S * S * 12 bytes).
+        thresholds: (K,) ascending thresholds.
     """
     n = maps.shape[0]
-    flat = torch.as_tensor(maps.reshape(n, -1), dtype=torch.float64)
-    labels = torch.as_tensor(masks.reshape(n, -1))
-    thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64))
-    pixels = flat.shape[1]
-    out = []
-    for start in range(0, n, chunk):
-        values, order = torch.sort(flat[start : start + chunk], dim=1)
-        positives = torch.cumsum(torch.gather(labels[start : start + chunk], 1, order).to(torch.int32), dim=1)
-        below = torch.searchsorted(values, thr.expand(values.shape[0], -1).contiguous(), side="left")  # (n, K) pixels < thr
-        total_pos = positives[:, -1:].to(torch.float64)
-        pos_below = torch.where(below > 0, torch.gather(positives, 1, (below - 1).clamp_min(0)), 0).to(torch.float64)
-        tp = total_pos - pos_below
-        predicted = (pixels - below).to(torch.float64)
-        denominator = predicted + total_pos
-        out.append(torch.where(denominator > 0, 2.0 * tp / denominator.clamp_min(1.0), 1.0))
-    return torch.cat(out).numpy()
+    thr = np.asarray(thresholds, dtype=np.float64)
+    k = thr.size
+    bins = np.searchsorted(thr, maps.reshape(n, -1).astype(np.float64), side="right")  # thresholds <= value
+    index = (np.arange(n)[:, None] * (k + 1) + bins).ravel()
+    lesion = masks.reshape(n, -1).ravel()
+    hist_all = np.bincount(index, minlength=n * (k + 1)).reshape(n, k + 1)
+    hist_pos = np.bincount(index[lesion], minlength=n * (k + 1)).reshape(n, k + 1)
+    # value >= thr[j] iff its bin > j: counts over bins j + 1 .. K
+    predicted = np.cumsum(hist_all[:, ::-1], axis=1)[:, ::-1][:, 1:].astype(np.float64)
+    tp = np.cumsum(hist_pos[:, ::-1], axis=1)[:, ::-1][:, 1:].astype(np.float64)
+    positives = hist_pos.sum(axis=1, keepdims=True).astype(np.float64)
+    denominator = predicted + positives
+    return np.where(denominator > 0, 2.0 * tp / np.maximum(denominator, 1.0), 1.0)
 
 
 def tune_on_grid(

@@ -288,7 +288,7 @@ def test_per_slice_dice_matches_brute_force_with_ties():
     masks = rng.random((7, 6, 6)) < 0.3
     masks[2] = False
     thresholds = np.array([-1.0, 0.0, 0.3, 0.35, 0.5, 1.0, 2.0])
-    got = per_slice_dice(maps, masks, thresholds, chunk=3)
+    got = per_slice_dice(maps, masks, thresholds)
     want = np.stack([_brute_dice(maps, masks, t) for t in thresholds], axis=1)
     np.testing.assert_allclose(got, want)
 
