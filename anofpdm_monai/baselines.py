@@ -209,17 +209,18 @@ class DDIBResult:
     network_calls: int
 
 
-def _unguided_eps(predict_eps: EpsPredictor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """Null-class eps from one call on ``x_t``."""
+def unguided_eps(predict_eps: EpsPredictor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """(B, C, S, S) null-class eps from one call on ``x_t`` (B, C, S, S) at timestep ``t``."""
     b = x_t.shape[0]
     labels = torch.full((b,), NULL, dtype=torch.long, device=x_t.device)
     steps = torch.full((b,), t, dtype=torch.long, device=x_t.device)
     return predict_eps(x_t, steps, labels)
 
 
-def _check_ddib_args(
+def check_reconstruction_args(
     x0: torch.Tensor, alphas_cumprod: torch.Tensor, depth: int, stride: int, map_channels: Sequence[int]
 ) -> None:
+    """Raise a ValueError naming the first invalid argument of a reconstruction baseline (ddib, reconstruction.py)."""
     if x0.ndim != 4:
         raise ValueError(f"x0 must be (B, C, S, S), got shape {tuple(x0.shape)}")
     if not 1 <= depth <= alphas_cumprod.numel():
@@ -264,13 +265,13 @@ def ddib_reconstruction(
         :class:`DDIBResult` with (B, S, S) maps, the (B, C, S, S) reconstruction
         and the number of network calls.
     """
-    _check_ddib_args(x0, alphas_cumprod, depth, stride, map_channels)
+    check_reconstruction_args(x0, alphas_cumprod, depth, stride, map_channels)
     abar = alphas_cumprod.detach().double().cpu().tolist()
     steps = list(range(0, depth, stride))
     calls = 0
     x = x0.float()
     for t, t_next in zip(steps[:-1], steps[1:]):
-        eps = _unguided_eps(predict_eps, x, t)
+        eps = unguided_eps(predict_eps, x, t)
         x = ddim_step(x, predicted_x0(x, eps, abar[t]), eps, abar[t], abar[t_next])
         calls += 1
     for i in range(len(steps) - 1, -1, -1):
