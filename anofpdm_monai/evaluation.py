@@ -454,7 +454,8 @@ class EvaluationSettings:
     """What one evaluation run chooses besides the inference settings.
 
     Attributes:
-        methods: registered method names; None: every one the model folder can run (:func:`~anofpdm_monai.model.available_methods`).
+        methods: registered method names; None: every one the model folder can run (:func:`~anofpdm_monai.model.available_methods`);
+            ``("all",)``: every registered method, each one the folder cannot run skipped with one line saying why.
         split: the store split to evaluate (stores only).
         max_slices: evaluate a seeded subset of this many slices (stores only); None: every slice.
         val_data: a store whose ``val`` split tunes the pixel-label baselines; None: the evaluated store's own.
@@ -615,8 +616,11 @@ def evaluate_cohort(
     rank = process_rank()
     num_parts, part_id = resolve_parts(evaluation.num_parts, evaluation.part_id, rank)
     make_results_folder(results)
-    requested = list(available_methods(model.folder) if evaluation.methods is None else evaluation.methods)
     registry = all_methods()
+    if evaluation.methods == ("all",):  # every registered method: those the folder cannot run are skipped with one line each
+        requested = list(registry)
+    else:
+        requested = list(available_methods(model.folder) if evaluation.methods is None else evaluation.methods)
     unknown = [m for m in requested if m not in registry]
     if unknown:
         raise InputError(f"methods: unknown {unknown}; choose from {list(registry)}", arguments="methods")

@@ -39,7 +39,7 @@ KINDS = ("anofpdm", "reconstruction", "threshold")
 SETUPS = ("mixed", "unhealthy")
 COMPONENTS_FOLDER = "baselines"  # MODEL/baselines/NAME/: the components of a model folder (anofpdm_monai.components)
 # Modules whose import registers methods, decisions and calibration sections (in this order).
-METHOD_MODULES = ("anofpdm_monai.segmentation", "anofpdm_monai.volume_mode", "anofpdm_monai.baselines")
+METHOD_MODULES = ("anofpdm_monai.segmentation", "anofpdm_monai.volume_mode", "anofpdm_monai.baselines", "anofpdm_monai.comparison")
 
 
 # ---------------------------------------------------------------------------------------------

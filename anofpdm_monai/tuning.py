@@ -1,8 +1,8 @@
 """Pixel-label tuning of reconstruction methods (:class:`~anofpdm_monai.methods.ReconstructionMethod`).
 
 Every point of a method's hyperparameter grid is run on the same validation slices; with each
-point's maps, the map threshold of highest pooled DICE over the brain pixels is found
-(:func:`~anofpdm_monai.baselines.best_threshold_dice`), once for each setup:
+point's maps, the map threshold of highest MEAN PER-SLICE DICE (the Table-1 metric: an empty mask on
+an empty slice counts 1) is found (:func:`~anofpdm_monai.reconstruction.tune_on_grid`), once for each setup:
 
 * ``mixed``: over all sampled validation slices (a mask on a healthy slice is a false positive);
 * ``unhealthy``: over the sampled slices with lesion pixels only.
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from anofpdm_monai.baselines import best_threshold_dice
 from anofpdm_monai.io import InputError, atomic_write_text, file_sha256
 from anofpdm_monai.methods import COMPONENTS_FOLDER, SETUPS, MethodContext, ReconstructionMethod, grid_points
 from anofpdm_monai.metrics import brain_foreground
+from anofpdm_monai.reconstruction import tune_on_grid
 
 TUNING_FOLDER = "tuning"
 DEFAULT_TUNING_SLICES = 200
@@ -110,20 +110,10 @@ def tune(
     unhealthy = masks.flatten(1).any(dim=1)
     if not bool(unhealthy.any()):
         raise InputError(f"{method.name}: the validation slices hold no lesion pixel; tune on a split with lesions (val_data)", arguments="val_data")
-    foreground = brain_foreground(images).bool()
-    select = {"mixed": torch.ones_like(unhealthy), "unhealthy": unhealthy}
-    points, best = [], {}
-    for params in grid_points(grid):
-        maps, _ = method_maps(method, context, images, seeds, params)
-        point: dict[str, Any] = {"params": params}
-        for setup in SETUPS:
-            keep = foreground & select[setup][:, None, None]
-            cut = best_threshold_dice(maps[keep].numpy(), masks[keep].numpy(), direction="high")
-            point[setup] = {"threshold": cut.threshold, "dice": cut.dice}
-            if setup not in best or cut.dice > best[setup].dice + 1e-12:
-                best[setup] = Tuned(dict(params), float(cut.threshold), float(cut.dice))
-        points.append(point)
-    return TuningResult(best, points, int(len(masks)), int(unhealthy.sum()))
+    found = tune_on_grid(lambda params: method_maps(method, context, images, seeds, params)[0], grid_points(grid),
+                         masks.numpy(), brain_foreground(images).bool().numpy(), SETUPS)  # fmt: skip
+    best = {setup: Tuned(dict(found[setup]["params"]), float(found[setup]["threshold"]), float(found[setup]["dice"])) for setup in SETUPS}
+    return TuningResult(best, found["grid"], int(len(masks)), int(unhealthy.sum()))
 
 
 def components_sha256(method: ReconstructionMethod, model_folder: str | Path) -> dict[str, str]:
