@@ -43,6 +43,7 @@ from anofpdm_monai.bundled import resolve_model_dir  # noqa: E402
 from anofpdm_monai.config import ModelConfig  # noqa: E402
 from anofpdm_monai.evaluation import load_case_results  # noqa: E402
 from anofpdm_monai.model import available_methods  # noqa: E402
+from anofpdm_monai.methods import get_method  # noqa: E402
 from anofpdm_monai.metrics import PooledAUPRC, dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import UNHEALTHY  # noqa: E402
 from data_prep.phantom import generate_cohort, load_lesion_metadata, parse_lesions  # noqa: E402
@@ -272,10 +273,12 @@ def main() -> None:
     parser.add_argument("--max-slices", type=int, default=0, help="seeded slice subset (0: whole volumes, which "
                         "the -volume methods need for their 3-D decisions)")  # fmt: skip
     parser.add_argument("--methods", default=None, help="comma list (default: every method the model supports)")
-    parser.add_argument("--val-cases", type=int, default=10, help="ddib's validation cohort (10: every brats kind)")
+    parser.add_argument("--val-cases", type=int, default=10, help="the pixel-label baselines' validation cohort (10: every brats kind)")
     parser.add_argument("--work", default="/tmp/anofpdm_accuracy")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per forward process (8: the fastest per slice on 2 CPU cores)")
-    parser.add_argument("--ddib-depth", type=int, default=300, help="encoding depth of the ddib baseline (its w and threshold are tuned)")
+    parser.add_argument("--tune", action="append", default=[], metavar="METHOD.PARAM=V1,V2",
+                        help="passed to evaluate: a pixel-label baseline's grid (default: each method's own grid)")
+    parser.add_argument("--tune-slices", type=int, default=None, help="passed to evaluate: validation slices the baselines are tuned on")
     parser.add_argument("--out", default=None, help="JSON (default: benchmarks/results/accuracy.json, accuracy_atlas.json)")
     args = parser.parse_args()
     layout_defaults = {"brats": ("bundled", "accuracy.json"), "atlas": ("bundled-atlas", "accuracy_atlas.json")}
@@ -291,7 +294,7 @@ def main() -> None:
     raw, test = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size, healthy=0.2)
     cohort_kinds, missing = check_kinds(raw, kinds, "test")
     val_args = []
-    if "ddib" in methods:
+    if any(get_method(m).kind == "reconstruction" for m in methods):  # the pixel-label baselines tune on a validation cohort
         val_raw, val = build_store(work, "val", args.layout, kinds, args.val_cases, 4, "0,1,0", size, healthy=0.2)
         check_kinds(val_raw, kinds, "val")
         val_args = ["--val-data", str(val)]
@@ -299,9 +302,10 @@ def main() -> None:
     # one results folder per method set, so runs with other methods on the same cohort keep theirs
     results = test.parent / f"{test.name.removesuffix('_store')}_results_{'+'.join(methods)}"
     subset = ["--max-slices", str(args.max_slices)] if args.max_slices > 0 else []
+    tune = [a for t in args.tune for a in ("--tune", t)]
+    tune += ["--tune-slices", str(args.tune_slices)] if args.tune_slices else []
     code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", ",".join(methods),
-                "--batch-size", str(args.batch_size), "--tune", f"ddib.depth={args.ddib_depth}",
-                *val_args, *subset])  # fmt: skip
+                "--batch-size", str(args.batch_size), *tune, *val_args, *subset])  # fmt: skip
     seconds = time.perf_counter() - start
     evaluated = Evaluated(results, raw, test)
     methods = [m for m in methods if m in evaluated.summary]
