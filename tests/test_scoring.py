@@ -177,9 +177,18 @@ def test_score_a_folder_of_labels(label_folder, tmp_path, capsys):
     assert summary["n_cases"] == 2 and summary["n_hd95_defined"] == 1 and "hd95_mm" in summary["undefined"]
     assert summary["mean"]["dice"] == pytest.approx(table["dice"].mean())
     assert summary["mean"]["hd95_mm"] == pytest.approx(a["hd95_mm"])
-    assert summary["pooled_lesions"] == {"true_lesions": 2, "pred_lesions": 2, "tp": 1, "fn": 1, "fp": 1,
-                                         "lesion_f1": pytest.approx(0.5)}  # fmt: skip
+    assert summary["pooled_lesions"] == {"true_lesions": 2, "pred_lesions": 2, "tp": 1, "fn": 1, "fp": 1}
+    # F1 both ways, each named: of the summed counts 1 / (1 + (1 + 1) / 2); the mean of a's 1 / (1 + 1 / 2) and b's 0
+    assert summary["lesion_f1_pooled"] == pytest.approx(0.5) and summary["lesion_f1_case_mean"] == pytest.approx(1 / 3)
+    assert summary["lesion_f1_cohort"] == summary["lesion_f1_pooled"] and summary["convention"] == "default"
+    # ISLES'22's other two columns: |true ml - pred ml| and |#true lesions - #predicted components|
+    assert a["abs_volume_diff_ml"] == pytest.approx(abs(int(truth_a.sum()) - int(pred_a.sum())) * 1.5 / 1000)
+    assert (a["lesion_count_diff"], b["lesion_count_diff"]) == (1, 1)
+    assert b["abs_volume_diff_ml"] == pytest.approx(1.5 / 1000)
     assert summary["per_case"][1]["hd95_mm"] is None
+    record = strict_json(out / "run.json")  # like the other verbs
+    assert record["verb"] == "score" and record["settings"]["convention"] == "default"
+    assert record["settings"]["labels"] == str(labels.resolve()) and record["argv"][1] == "score"
     printed = capsys.readouterr().out
     assert "DICE %" in printed and "HD95 mm" in printed and "per_case.csv" in printed
 
