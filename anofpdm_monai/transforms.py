@@ -217,7 +217,8 @@ TEMPLATE_REGISTRATION_ITERATIONS = 100
 WHOLE_HEAD_ML = 3000.0
 """Non-zero voxels beyond this volume (ml) are a head, not a brain (adult brains stay under ~2,000 ml)."""
 WHOLE_HEAD_AIR = 0.5
-"""Non-zero voxels on more than this fraction of the grid's faces are noise in the air (a brain never fills them)."""
+"""Non-zero voxels on more than this fraction of the grid's four side faces (X and Y ends) are noise in the air:
+a skull-stripped brain never reaches them (it may reach the Z ends of a slab)."""
 BRAIN_MASK_SUFFIX = "_brainmask"
 
 
@@ -284,10 +285,10 @@ def looks_whole_head(nonzero: np.ndarray, spacing: Sequence[float]) -> str | Non
         nonzero: (X, Y, Z) bool, the voxels where any channel is non-zero.
         spacing: voxel size in mm.
     """
-    faces = [nonzero[0], nonzero[-1], nonzero[:, 0], nonzero[:, -1], nonzero[:, :, 0], nonzero[:, :, -1]]
+    faces = [nonzero[0], nonzero[-1], nonzero[:, 0], nonzero[:, -1]]
     air = sum(int(f.sum()) for f in faces) / sum(f.size for f in faces)
     if air > WHOLE_HEAD_AIR:
-        return f"{air:.0%} of the grid's faces are non-zero (noise in the air)"
+        return f"{air:.0%} of the grid's side faces are non-zero: noise in the air"
     ml = float(nonzero.sum()) * float(np.prod(spacing)) / 1000.0
     if ml > WHOLE_HEAD_ML:
         return f"{ml:.0f} ml of non-zero voxels (a brain holds under ~2,000 ml)"
@@ -351,23 +352,14 @@ class BrainMaskd(MapTransform):
         reference = Path(d["reference"])
         if path is None:
             raise InputError(
-                f"{reference}: brain mask 'files' needs this case's mask: a '{BRAIN_MASK_SUFFIX}' file beside its channels "
-                f"(e.g. {brain_mask_candidates(reference)[0].name}) or a brain_mask column in the manifest"
+                f"{reference}: brain mask 'files' needs this case's mask: a CASE{BRAIN_MASK_SUFFIX}.nii.gz file beside its "
+                "channels (docs/data.md) or a brain_mask column in the manifest"
             )
         path = Path(path)
         array, mask_image = load_nifti(path)
         _check_same_grid((reference, nib.load(str(reference))), (path, mask_image),
                          "a brain mask must lie on its case's grid (make it on this image, or resample it with nearest neighbour)")  # fmt: skip
         return array > 0
-
-
-def brain_mask_candidates(first_channel: str | Path) -> list[Path]:
-    """Where a case's ``_brainmask`` file may lie, beside its first channel: ``CASE_brainmask.nii.gz``
-    (and ``.nii``), CASE being the channel file's name without its last ``_part`` (``BraTS2021_00001_flair``,
-    ``sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w``, nnU-Net's ``CASE_0000``)."""
-    path = Path(first_channel)
-    stem = path.name.split(".nii")[0].rsplit("_", 1)[0]
-    return [path.with_name(f"{stem}{BRAIN_MASK_SUFFIX}{ext}") for ext in (".nii.gz", ".nii")]
 
 
 class PercentileNormalised(MapTransform):

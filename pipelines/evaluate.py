@@ -26,7 +26,7 @@ from anofpdm_monai.io import InputError, atomic_write_text
 from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.provenance import check_continuation, inference_settings, write_run_record
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE
-from pipelines.options import add_device_arguments, add_max_voxels_argument, record_of, cli_message
+from pipelines.options import add_brain_mask_argument, add_device_arguments, add_max_voxels_argument, record_of, cli_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
     parser.add_argument("--part-id", type=int, default=0, help="which part this process evaluates, 0 .. --num-parts - 1")
     parser.add_argument("--report", action="store_true", help="also write the cohort report RESULTS/report/index.html (as 'anofpdm report')")
+    add_brain_mask_argument(parser, "raw cohorts only (a store was masked when preprocessed); default: the model folder's")
     add_max_voxels_argument(parser)
 
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     inferer = VolumeInferer(
         model_dir, steps=args.steps, stride=args.stride, batch_size=args.batch_size,
-        device=args.device, seed=args.seed, precision=args.precision,
+        device=args.device, seed=args.seed, precision=args.precision, brain_mask=args.brain_mask,
     )  # fmt: skip
     cohort = Cohort(args.input, inferer, args.split)
     evaluator = CohortEvaluator(inferer, methods, results, ddib_depth=args.ddib_depth)

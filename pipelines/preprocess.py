@@ -19,9 +19,9 @@ from anofpdm_monai.data import assign_splits, case_done, write_case, write_manif
 from anofpdm_monai.io import InputError, InputWarning, atomic_save_dataframe
 from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.provenance import write_run_record
-from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
+from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, brain_mask_file, read_cases
 from anofpdm_monai.transforms import preprocess_with
-from pipelines.options import add_max_voxels_argument, cli_message, record_of
+from pipelines.options import add_brain_mask_argument, add_max_voxels_argument, cli_message, record_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resize the whole axial plane to S x S (the paper's chain) instead of the brain's bounding box padded to a square",
     )
     parser.add_argument("--crop-margin", type=float, default=5.0, help="margin around the brain's bounding box, mm")
+    add_brain_mask_argument(parser, "default: the layout's, brats nonzero, atlas template, others nonzero")
     parser.add_argument("--workers", type=int, default=1, help="cases preprocessed in parallel (processes)")
     parser.add_argument("--allow-skips", action="store_true", help="exit 0 even when cases were skipped")
     add_max_voxels_argument(parser)
@@ -64,7 +65,8 @@ def _process_case(store: Path, record: CaseRecord, config: PreprocessConfig) -> 
                 f"({', '.join(record.channels)}) but the cohort's cases have {len(config.channel_names)} "
                 f"({', '.join(config.channel_names)}); give every case the same channels"
             )
-        case = preprocess_with(config, list(record.channels.values()), record.label, LESION_LABELS.get(config.dataset))
+        case = preprocess_with(config, list(record.channels.values()), record.label, LESION_LABELS.get(config.dataset),
+                               brain_mask_file(record))  # fmt: skip
         sources = {name: str(path) for name, path in record.channels.items()}
         write_case(store, record.case_id, case, sources)
         return record.case_id, None
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             dataset=args.dataset,
             crop_foreground=not args.no_crop,
             crop_margin_mm=args.crop_margin,
+            brain_mask=args.brain_mask,
         )
     except ValueError as err:  # image_size is --size, crop_margin_mm is --crop-margin
         raise InputError(f"{args.input}: invalid preprocessing settings: {err}; change that option") from err
