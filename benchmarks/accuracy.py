@@ -335,8 +335,9 @@ def run_cohort(args: argparse.Namespace, model: Path, methods: list[str], kinds:
     # one results folder per method set, so runs with other methods on the same cohort keep theirs
     results = test.parent / f"{test.name.removesuffix('_store')}_results_{'+'.join(methods)}"
     subset = ["--max-slices", str(args.max_slices)] if args.max_slices > 0 else []
+    # --continue: a rerun after an interruption keeps the cases already evaluated (same model and settings)
     code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", ",".join(methods),
-                "--batch-size", str(args.batch_size), "--ddib-depth", str(args.ddib_depth),
+                "--batch-size", str(args.batch_size), "--ddib-depth", str(args.ddib_depth), "--continue",
                 *val_args, *subset])  # fmt: skip
     seconds = time.perf_counter() - start
     evaluated = Evaluated(results, raw, test)
