@@ -30,7 +30,7 @@ from anofpdm_monai.distributed import resolve_parts, shard
 from anofpdm_monai.inferers import VolumeInferer, VolumeResult
 from anofpdm_monai.io import InputError, image_like
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings
-from anofpdm_monai.readers import CaseRecord, records_for_inference
+from anofpdm_monai.readers import CaseRecord, brain_mask_file, records_for_inference
 from anofpdm_monai.threads import available_cpus
 from anofpdm_monai.transforms import PreprocessedCase
 
@@ -125,7 +125,7 @@ def segment_records(
     names = inferer.config.preprocess.channel_names
 
     def load(record: CaseRecord) -> PreprocessedCase:
-        return inferer.preprocess(channel_order(record, names))
+        return inferer.preprocess(channel_order(record, names), brain_mask_path=brain_mask_file(record))
 
     def write(result: VolumeResult, case_id: str) -> list[Path]:
         assert out is not None

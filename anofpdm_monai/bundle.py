@@ -238,8 +238,13 @@ def bundle_metadata(config: ModelConfig, data_source: str, version: str, methods
         if prep.crop_foreground
         else ""
     )
+    brain = {
+        "nonzero": "the brain is the non-zero voxels (skull-stripped input)",
+        "template": "the brain is the MNI152 brain mask fitted by affine registration (whole-head input), the image zero outside it",
+        "files": "the brain is the case's own mask file, the image zero outside it",
+    }[prep.brain_mask]
     intensity = (
-        f"per volume and channel divided by the {prep.percentile:g}th percentile of the non-zero (brain) voxels; "
+        f"{brain}; per volume and channel divided by the {prep.percentile:g}th percentile of the brain voxels; "
         f"{crop}axial slices with at least {prep.min_brain_fraction:.0%} brain pixels resized to "
         f"{prep.image_size} x {prep.image_size}, then per slice and channel min-max scaled to [-1, 1]"
     )

@@ -34,7 +34,7 @@ from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.methods import SectionContext, calibration_sections
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, calibration_path
 from anofpdm_monai.provenance import run_record, write_run_record
-from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
+from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, brain_mask_file, read_cases
 from anofpdm_monai.transforms import preprocess_with
 
 
@@ -148,6 +148,8 @@ class PreprocessSettings:
         crop: resize the brain's bounding box padded to a square (True) or the whole axial plane (False).
         crop_margin_mm: margin around the brain's bounding box.
         workers: cases preprocessed in parallel (processes).
+        brain_mask: how the chain finds the brain (``nonzero``, ``template``, ``files``); None: the layout's
+            default (docs/data.md).
     """
 
     dataset: str
@@ -159,6 +161,7 @@ class PreprocessSettings:
     crop: bool = True
     crop_margin_mm: float = 5.0
     workers: int = 1
+    brain_mask: str | None = None
 
 
 @dataclass
@@ -187,7 +190,8 @@ def process_case(store: Path, record: CaseRecord, config: PreprocessConfig) -> t
                     f"({', '.join(record.channels)}) but the cohort's cases have {len(config.channel_names)} "
                     f"({', '.join(config.channel_names)}); give every case the same channels"
                 )
-            case = preprocess_with(config, list(record.channels.values()), record.label, LESION_LABELS.get(config.dataset))
+            case = preprocess_with(config, list(record.channels.values()), record.label, LESION_LABELS.get(config.dataset),
+                                   brain_mask_file(record))  # fmt: skip
             write_case(store, record.case_id, case, {name: str(path) for name, path in record.channels.items()})
             error = None
         except InputError as err:  # e.g. a volume above max_voxels
@@ -225,6 +229,7 @@ def preprocess_cohort(
         config = PreprocessConfig(
             image_size=settings.size, channel_names=channel_names, map_channels=tuple(map_channels), register_to=register_to,
             dataset=settings.dataset, crop_foreground=settings.crop, crop_margin_mm=settings.crop_margin_mm,
+            brain_mask=settings.brain_mask,
         )  # fmt: skip
     except ValueError as err:
         raise InputError(f"{source}: invalid preprocessing settings: {err}; change that option", arguments="register_to") from err

@@ -16,6 +16,9 @@ from typing import Any
 
 # Slice side S: small enough that one slice batch fits in memory (a 100000-pixel side would need ~160 GB).
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+# How the chain finds the brain (transforms.BrainMaskd), and each layout's default: the way its dataset ships.
+BRAIN_MASK_MODES = ("nonzero", "template", "files")
+BRAIN_MASK_DEFAULTS = {"brats": "nonzero", "atlas": "template"}
 # The noise schedules MONAI's DDPMScheduler knows.
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 
@@ -164,6 +167,12 @@ class PreprocessConfig:
             chain (the whole plane resized to S x S); model folders saved before this option
             existed load with False and keep their chain.
         crop_margin_mm: margin around the brain's bounding box, in mm.
+        brain_mask: how the chain finds the brain (``anofpdm_monai.transforms.BrainMaskd``):
+            ``nonzero`` (skull-stripped data), ``template`` (the MNI152 brain mask fitted by affine
+            registration; whole heads such as ATLAS v2.0) or ``files`` (a mask file per case). None
+            takes the layout's default (:data:`BRAIN_MASK_DEFAULTS`: ``atlas`` template, every other
+            layout nonzero); it is resolved on construction, so config.json files written before this
+            field existed load with their layout's default (docs/data.md).
     """
 
     image_size: int = 64
@@ -175,6 +184,7 @@ class PreprocessConfig:
     dataset: str = "brats"
     crop_foreground: bool = False
     crop_margin_mm: float = 5.0
+    brain_mask: str | None = None
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
@@ -188,6 +198,10 @@ class PreprocessConfig:
             raise ValueError(f"dataset = {self.dataset!r}: must be a layout name such as 'brats'")
         check_bool("crop_foreground", self.crop_foreground)
         check_float("crop_margin_mm", self.crop_margin_mm, 0.0, 1000.0)
+        if self.brain_mask is None:
+            self.brain_mask = BRAIN_MASK_DEFAULTS.get(self.dataset, "nonzero")
+        if self.brain_mask not in BRAIN_MASK_MODES:
+            raise ValueError(f"brain_mask = {self.brain_mask!r}: choose one of {', '.join(BRAIN_MASK_MODES)}")
         missing = [m for m in self.map_channels if m not in self.channel_names]
         if missing:
             raise ValueError(f"map_channels {missing} are not among channel_names {self.channel_names}")

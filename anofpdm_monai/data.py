@@ -58,6 +58,7 @@ def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[
         "has_label": case.masks is not None,
         "sources": sources,
         "slice_voxel_mm": list(case.geometry.slice_voxel_mm),
+        "crop_box": None if case.geometry.crop_box is None else [list(a) for a in case.geometry.crop_box],
     }
     atomic_write_text(store / "cases" / f"{patient}.json", json_text(meta, indent=None))
 

@@ -55,7 +55,7 @@ from anofpdm_monai.metrics import (
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.provenance import check_continuation, inference_settings, run_record, write_run_record
-from anofpdm_monai.readers import LESION_LABELS, detect_layout, read_cases
+from anofpdm_monai.readers import LESION_LABELS, brain_mask_file, detect_layout, read_cases
 from anofpdm_monai.scoring import read_mask
 from anofpdm_monai.segmentation import mixed_setup_masks
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
@@ -127,7 +127,7 @@ class Cohort:
         record = self.records[case_id]
         if record.label is None:
             raise InputError(f"{case_id}: no lesion file; evaluation needs ground truth")
-        case = self.inferer.preprocess(list(record.channels.values()), record.label, self.allowed_labels)
+        case = self.inferer.preprocess(list(record.channels.values()), record.label, self.allowed_labels, brain_mask_file(record))
         return EvalCase(case_id, case.images, case.masks, case.geometry.slice_indices, case.geometry, record.label, case.geometry.slice_voxel_mm)
 
 

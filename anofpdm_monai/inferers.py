@@ -24,6 +24,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from anofpdm_monai.calibration import Calibration
+from anofpdm_monai.config import PreprocessConfig
 from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
 from anofpdm_monai.io import InputError, check_case_id, save_like
 from anofpdm_monai.methods import Decision, get_decision
@@ -247,9 +248,10 @@ class VolumeResult:
         return self.anomaly if save_anomaly == "full" else np.where(self.brain(), self.anomaly, 0).astype(np.float32)
 
     def brain(self) -> np.ndarray:
-        """(X, Y, Z) bool, the input's brain: its nonzero voxels (skull-stripped inputs have a zero background).
-
-        Read from the first channel file when asked (only the masked map needs it)."""
+        """(X, Y, Z) bool, the input's brain: the chain's brain mask, or for a case preprocessed without one
+        its nonzero voxels (read from the first channel file when asked: only the masked map needs it)."""
+        if self.case.geometry.brain is not None:
+            return self.case.geometry.brain
         reference = np.asarray(nib.load(str(self.case.geometry.reference)).dataobj)
         return (reference != 0).reshape(self.mask.shape)
 
@@ -292,15 +294,25 @@ class VolumeInferer(Inferer):
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        """The model's preprocessing chain, with this run's brain mask (``settings.brain_mask``) when it sets one."""
+        config = self.config.preprocess
+        if self.settings.brain_mask is None:
+            return config
+        return dataclasses.replace(config, brain_mask=self.settings.brain_mask)
+
     def preprocess(
         self,
         channel_paths: Sequence[str | Path],
         label_path: str | Path | None = None,
         allowed_labels: Sequence[int] | None = None,
+        brain_mask_path: str | Path | None = None,
     ) -> PreprocessedCase:
         """Apply the model's own preprocessing chain (the one its store was built with).
 
         ``allowed_labels``: the lesion labels the layout defines (e.g. BraTS 1, 2, 4); other values are refused.
+        ``brain_mask_path``: the case's brain mask file (read under brain mask ``files``).
         """
         expected = self.config.preprocess.channel_names
         if len(channel_paths) != len(expected):
@@ -309,7 +321,7 @@ class VolumeInferer(Inferer):
                 f"{first}: the case has {len(channel_paths)} channel file(s) but the model takes {len(expected)} "
                 f"({', '.join(expected)}); give one file per channel in that order"
             )
-        return preprocess_with(self.config.preprocess, channel_paths, label_path, allowed_labels)
+        return preprocess_with(self.preprocess_config, channel_paths, label_path, allowed_labels, brain_mask_path)
 
     def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None, case_id: str = "") -> VolumeResult:  # type: ignore[override]
         """Segment one case given its channel files (in the model's channel order); ``case_id`` seeds its slices."""

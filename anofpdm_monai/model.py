@@ -21,7 +21,7 @@ import torch
 
 from anofpdm_monai.bundled import resolve_model_dir
 from anofpdm_monai.calibration import Calibration
-from anofpdm_monai.config import TRAINING_SETTINGS_FILE, ModelConfig
+from anofpdm_monai.config import BRAIN_MASK_MODES, TRAINING_SETTINGS_FILE, ModelConfig
 from anofpdm_monai.io import InputError, file_sha256, read_json
 from anofpdm_monai.methods import COMPONENTS_FOLDER, KINDS, AnoFPDMMethod, ReconstructionMethod, all_methods, anofpdm_methods
 from anofpdm_monai.networks import PRECISIONS, NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
@@ -99,6 +99,8 @@ class InferenceSettings:
         seed: with the case id and slice index, seeds each slice's random numbers.
         precision: ``auto`` (bf16 where the device computes it natively), ``fp32`` or ``bf16``.
         keep_3d_components: drop 3-D components of the volume mask smaller than this many voxels; 0 keeps all.
+        brain_mask: how the chain finds the brain in this run's inputs (``nonzero``, ``template``, ``files``;
+            ``anofpdm_monai.transforms.BrainMaskd``); None keeps the model folder's (docs/data.md).
     """
 
     method: str = "anofpdm-ddim"
@@ -108,6 +110,7 @@ class InferenceSettings:
     seed: int = 0
     precision: str = "auto"
     keep_3d_components: int = 0
+    brain_mask: str | None = None
 
     def __post_init__(self) -> None:
         methods = anofpdm_methods()
@@ -119,6 +122,8 @@ class InferenceSettings:
                 raise InputError(f"{name}={value!r}: give a whole number >= {low}", arguments=name)
         if self.precision not in PRECISIONS:
             raise InputError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}", arguments="precision")
+        if self.brain_mask is not None and self.brain_mask not in BRAIN_MASK_MODES:
+            raise InputError(f"brain_mask={self.brain_mask!r}: choose one of {', '.join(BRAIN_MASK_MODES)}", arguments="brain_mask")
 
     @property
     def encoding(self) -> str:

@@ -5,7 +5,10 @@
   ``..._label-L_desc-T1lesion_mask.nii.gz`` beside it.
 * ``nnunet``: ``imagesTr``/``imagesTs`` (or the folder itself) of ``CASE_0000.nii.gz`` ... one file per
   channel, labels ``CASE.nii.gz`` in a sibling ``labelsTr``/``labelsTs`` folder.
-* ``manifest``: a CSV with ``case_id``, one column per channel and an optional ``mask`` column.
+* ``manifest``: a CSV with ``case_id``, one column per channel and optional ``mask`` and ``brain_mask`` columns.
+
+A case's brain mask file (brain mask ``files``, docs/data.md) is the manifest's ``brain_mask`` column, or
+``CASE_brainmask.nii.gz`` beside its first channel (:func:`brain_mask_file`).
 """
 
 from __future__ import annotations
@@ -27,16 +30,39 @@ ATLAS_MASK_SUFFIX = "_label-L_desc-T1lesion_mask.nii.gz"
 NNUNET_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 # The lesion labels each layout defines; a mask holding other values is refused (all are merged into one class).
 LESION_LABELS = {"brats": (1, 2, 4), "atlas": (1,)}
+BRAIN_MASK_SUFFIX = "_brainmask"
+# Columns of a manifest that are not channels.
+MANIFEST_EXTRA = ("case_id", "mask", "brain_mask")
 
 
 @dataclass
 class CaseRecord:
-    """One case: its id, the channel files in a fixed order, and the lesion file if any."""
+    """One case: its id, the channel files in a fixed order, the lesion file if any, and its brain mask
+    file if the manifest names one (else :func:`brain_mask_file` looks beside the channels)."""
 
     case_id: str
     channels: dict[str, Path]
     label: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    brain_mask: Path | None = None
+
+
+def brain_mask_file(record: CaseRecord) -> Path | None:
+    """The case's brain mask file: the manifest's, else ``CASE_brainmask.nii.gz`` (or ``.nii``) beside the first
+    channel, CASE being that file's name without its last ``_part`` (``BraTS2021_00001_flair``,
+    ``sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w``, nnU-Net's ``CASE_0000``) or the case id; None if absent."""
+    if record.brain_mask is not None:
+        return record.brain_mask
+    first = next(iter(record.channels.values()), None)
+    if first is None:
+        return None
+    stems = dict.fromkeys([first.name.split(".nii")[0].rsplit("_", 1)[0], record.case_id])
+    for stem in stems:
+        for ext in (".nii.gz", ".nii"):
+            candidate = first.with_name(f"{stem}{BRAIN_MASK_SUFFIX}{ext}")
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def read_brats(root: str | Path) -> list[CaseRecord]:
@@ -173,7 +199,7 @@ def read_manifest(csv_path: str | Path) -> list[CaseRecord]:
         raise InputError(f"{csv_path}: not a readable CSV ({str(err).strip().splitlines()[0]}); give a CSV with columns case_id,<channel>...,[mask]") from err
     if "case_id" not in table.columns:
         raise InputError(f"{csv_path}: no 'case_id' column; found columns {list(table.columns)}")
-    channel_columns = [c for c in table.columns if c not in ("case_id", "mask")]
+    channel_columns = [c for c in table.columns if c not in MANIFEST_EXTRA]
     if not channel_columns:
         raise InputError(f"{csv_path}: no channel columns besides case_id/mask")
     for line, case_id in enumerate(table["case_id"], start=2):  # line 1 is the header
@@ -195,6 +221,7 @@ def read_manifest(csv_path: str | Path) -> list[CaseRecord]:
             row["case_id"],
             {c: resolve(row[c]) for c in channel_columns},
             resolve(row["mask"]) if row.get("mask") else None,
+            brain_mask=resolve(row["brain_mask"]) if row.get("brain_mask") else None,
         )
         for _, row in table.iterrows()
     ]

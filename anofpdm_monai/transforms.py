@@ -14,6 +14,8 @@ what the inverse needs.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, Orientationd
 
-from anofpdm_monai.config import PreprocessConfig
-from anofpdm_monai.io import InputError, load_nifti
+from anofpdm_monai.config import BRAIN_MASK_MODES, PreprocessConfig
+from anofpdm_monai.io import InputError, InputWarning, load_nifti
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 AFFINE_TOLERANCE_MM = 1e-3
@@ -51,6 +53,8 @@ class CaseGeometry:
         slice_voxel_mm: size in mm of a pixel of the S x S slices along (X, Y) and the slice
             spacing (Z), i.e. the voxel of the stacked slices; post-processing in physical units
             uses it.
+        brain: (X, Y, Z) bool, the brain mask on the input grid (:class:`BrainMaskd`); outputs are
+            zero outside it. None: no mask (every voxel counts).
     """
 
     reference: Path
@@ -61,6 +65,7 @@ class CaseGeometry:
     registration: dict[str, Any] | None = None
     crop_box: tuple[tuple[int, int], tuple[int, int]] | None = None
     slice_voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    brain: np.ndarray | None = None
 
 
 class LoadCased(MapTransform):
@@ -117,19 +122,16 @@ class LoadCased(MapTransform):
         return d
 
 
-def _check_same_grid(first: tuple[Path, nib.Nifti1Image], other: tuple[Path, nib.Nifti1Image]) -> None:
+SAME_GRID_RULE = "all channels of a case must share one grid (resample them onto one grid first)"
+
+
+def _check_same_grid(first: tuple[Path, nib.Nifti1Image], other: tuple[Path, nib.Nifti1Image], rule: str = SAME_GRID_RULE) -> None:
     (p0, im0), (p1, im1) = first, other
     if im0.shape[:3] != im1.shape[:3]:
-        raise InputError(
-            f"{p1}: shape {im1.shape[:3]} differs from {p0.name} {im0.shape[:3]}; all channels of a case must share one grid "
-            "(resample them onto one grid first)"
-        )
+        raise InputError(f"{p1}: shape {im1.shape[:3]} differs from {p0.name} {im0.shape[:3]}; {rule}")
     diff = float(np.abs(im0.affine - im1.affine).max())
     if diff > AFFINE_TOLERANCE_MM:
-        raise InputError(
-            f"{p1}: affine differs from {p0.name} by up to {diff:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); "
-            "all channels of a case must share one grid (resample them onto one grid first)"
-        )
+        raise InputError(f"{p1}: affine differs from {p0.name} by up to {diff:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); {rule}")
 
 
 class RegisterToTemplated(MapTransform):
@@ -156,9 +158,10 @@ class RegisterToTemplated(MapTransform):
         ]
         fixed_affine = torch.as_tensor(nib.load(str(self.template)).affine, dtype=torch.float64)
         d["image"] = MetaTensor(torch.from_numpy(np.stack(channels)), affine=fixed_affine)
-        if "label" in d:
-            label = _resample_array(d["label"][0].numpy(), moving_ref, fixed, transform, sitk.sitkNearestNeighbor)
-            d["label"] = MetaTensor(torch.from_numpy(label)[None], affine=fixed_affine)
+        for key in ("label", "brain"):
+            if key in d:
+                values = _resample_array(d[key][0].numpy(), moving_ref, fixed, transform, sitk.sitkNearestNeighbor)
+                d[key] = MetaTensor(torch.from_numpy(values)[None], affine=fixed_affine)
         d["registration"] = {
             "template": str(self.template),
             "parameters": list(transform.GetParameters()),
@@ -167,14 +170,19 @@ class RegisterToTemplated(MapTransform):
         return d
 
 
-def register_affine(fixed: Any, moving: Any, iterations: int = 100) -> Any:
-    """Affine SimpleITK transform mapping points of ``fixed`` to ``moving`` (Mattes MI, multi-resolution)."""
+def register_affine(fixed: Any, moving: Any, iterations: int = 100, fixed_mask: Any = None, centre: str = "moments") -> Any:
+    """Affine SimpleITK transform mapping points of ``fixed`` to ``moving`` (Mattes MI, multi-resolution).
+
+    ``fixed_mask``: a 0/1 image on ``fixed``'s grid; only its points drive the metric. ``centre``:
+    the starting translation, ``moments`` (centres of mass) or ``geometry`` (centres of the grids).
+    """
     import SimpleITK as sitk
 
-    initial = sitk.CenteredTransformInitializer(
-        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
-    )
+    init = {"moments": sitk.CenteredTransformInitializerFilter.MOMENTS, "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY}
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3), init[centre])
     method = sitk.ImageRegistrationMethod()
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(sitk.Cast(fixed_mask, sitk.sitkUInt8))
     method.SetMetricAsMattesMutualInformation(32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.05, seed=0)
@@ -201,6 +209,157 @@ def _resample_array(array: np.ndarray, source: Any, target: Any, transform: Any,
 
     out = sitk.Resample(_to_sitk(array, source), target, transform, interpolator, 0.0, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0).astype(np.float32)
+
+
+TEMPLATE_MARGIN_MM = 1.5
+"""``template``: the registered MNI152 brain mask is dilated by this much, for what an affine fit misses."""
+TEMPLATE_REGISTRATION_ITERATIONS = 100
+WHOLE_HEAD_ML = 3000.0
+"""Non-zero voxels beyond this volume (ml) are a head, not a brain (adult brains stay under ~2,000 ml)."""
+WHOLE_HEAD_AIR = 0.5
+"""Non-zero voxels on more than this fraction of the grid's four side faces (X and Y ends) are noise in the air:
+a skull-stripped brain never reaches them (it may reach the Z ends of a slab)."""
+BRAIN_MASK_SUFFIX = "_brainmask"
+
+
+def nifti_to_sitk(array: np.ndarray, affine: np.ndarray) -> Any:
+    """An (X, Y, Z) array with a nibabel (RAS) ``affine`` as a SimpleITK image (LPS), float32."""
+    import SimpleITK as sitk
+
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin((lps @ affine[:3, 3]).tolist())
+    image.SetDirection((lps @ affine[:3, :3] / spacing).flatten().tolist())
+    return image
+
+
+@functools.lru_cache(maxsize=1)
+def mni152_brain() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T1 image, 0/1 brain mask, affine) of the 1 mm MNI152 (ICBM 2009a symmetric) template nilearn ships, float32."""
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=1)
+    mask = datasets.load_mni152_brain_mask(resolution=1)
+    return t1.get_fdata(dtype=np.float32), mask.get_fdata(dtype=np.float32), np.asarray(t1.affine, dtype=np.float64)
+
+
+def dilate_mm(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """(X, Y, Z) bool ``mask`` grown by ``margin_mm`` (Euclidean, in mm with the voxel ``spacing``)."""
+    from scipy.ndimage import distance_transform_edt
+
+    if margin_mm <= 0 or not mask.any():
+        return mask
+    return distance_transform_edt(~mask, sampling=[float(v) for v in spacing]) <= margin_mm
+
+
+def template_brain_mask(first_channel: np.ndarray, affine: np.ndarray, margin_mm: float = TEMPLATE_MARGIN_MM) -> np.ndarray:
+    """The MNI152 brain mask fitted onto one case: (X, Y, Z) bool on the case's grid.
+
+    The template T1 (its brain, dilated by 10 mm, drives the metric) is registered to ``first_channel``
+    by the chain's affine registration (:func:`register_affine`, starting from the grids' centres, so
+    that a case already in template space such as ATLAS v2.0 starts where it lies); the template's brain
+    mask is mapped through it and dilated by ``margin_mm``.
+
+    Args:
+        first_channel: (X, Y, Z) the case's first channel, whole head or brain.
+        affine: (4, 4) its affine.
+    """
+    import SimpleITK as sitk
+
+    t1, mask, t_affine = mni152_brain()
+    template = nifti_to_sitk(t1, t_affine)
+    metric_region = nifti_to_sitk(dilate_mm(mask > 0.5, (1.0, 1.0, 1.0), 10.0).astype(np.float32), t_affine)
+    case = nifti_to_sitk(first_channel, affine)
+    transform = register_affine(template, case, TEMPLATE_REGISTRATION_ITERATIONS, fixed_mask=metric_region, centre="geometry")
+    fitted = _resample_array(mask, template, case, transform.GetInverse(), sitk.sitkLinear) >= 0.5
+    return dilate_mm(fitted, np.linalg.norm(np.asarray(affine)[:3, :3], axis=0), margin_mm)
+
+
+def looks_whole_head(nonzero: np.ndarray, spacing: Sequence[float]) -> str | None:
+    """Why the non-zero voxels of a volume look like a whole head rather than a skull-stripped brain, or None.
+
+    Args:
+        nonzero: (X, Y, Z) bool, the voxels where any channel is non-zero.
+        spacing: voxel size in mm.
+    """
+    faces = [nonzero[0], nonzero[-1], nonzero[:, 0], nonzero[:, -1]]
+    air = sum(int(f.sum()) for f in faces) / sum(f.size for f in faces)
+    if air > WHOLE_HEAD_AIR:
+        return f"{air:.0%} of the grid's side faces are non-zero: noise in the air"
+    ml = float(nonzero.sum()) * float(np.prod(spacing)) / 1000.0
+    if ml > WHOLE_HEAD_ML:
+        return f"{ml:.0f} ml of non-zero voxels (a brain holds under ~2,000 ml)"
+    return None
+
+
+class BrainMaskd(MapTransform):
+    """Find the brain of a case on its input grid; zero the image outside it.
+
+    Modes (:data:`BRAIN_MASK_MODES`, docs/data.md):
+
+    * ``nonzero``: the voxels where any channel is non-zero (skull-stripped data: BraTS); a volume
+      that looks like a whole head (:func:`looks_whole_head`) raises one :class:`InputWarning`;
+    * ``template``: the MNI152 brain mask fitted by affine registration (:func:`template_brain_mask`),
+      within the non-zero voxels (whole heads: ATLAS v2.0, clinical exports);
+    * ``files``: the case's own mask file (``brain_mask`` of the input dict), any value > 0 is brain; it
+      must lie on the case's grid.
+
+    Input dict: ``image`` (C, X, Y, Z) on the input grid, ``reference``, and ``brain_mask`` (a path) for
+    ``files``. Output: ``image`` zero outside the brain, ``brain`` (1, X, Y, Z) float 0/1 (registered
+    and oriented with the image), ``input_brain`` (X, Y, Z) bool left on the input grid.
+    """
+
+    def __init__(self, mode: str = "nonzero", margin_mm: float = TEMPLATE_MARGIN_MM) -> None:
+        super().__init__(keys=["image"])
+        if mode not in BRAIN_MASK_MODES:
+            raise ValueError(f"brain_mask={mode!r}: choose one of {', '.join(BRAIN_MASK_MODES)}")
+        self.mode = mode
+        self.margin_mm = margin_mm
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d["image"]
+        affine = np.asarray(image.affine, dtype=np.float64)
+        nonzero = (image.as_tensor() != 0).any(dim=0).numpy()
+        if self.mode == "nonzero":
+            why = looks_whole_head(nonzero, np.linalg.norm(affine[:3, :3], axis=0))
+            if why is not None:
+                warnings.warn(
+                    f"{d['reference']}: this looks like a whole head, not a skull-stripped brain ({why}); choose brain mask "
+                    "'template' (MNI-space data such as ATLAS v2.0) or 'files' (masks from your skull-stripper), docs/data.md",
+                    InputWarning,
+                    stacklevel=2,
+                )
+            brain = nonzero
+        elif self.mode == "template":
+            brain = template_brain_mask(image.as_tensor()[0].numpy(), affine, self.margin_mm) & nonzero
+        else:
+            brain = self._mask_file(d)
+        if not brain.any():
+            raise InputError(f"{d['reference']}: the brain mask ({self.mode}) holds no voxel of the image; check the mask, or leave this case out")
+        mask = torch.from_numpy(brain)
+        d["image"] = MetaTensor(image.as_tensor() * mask, affine=image.affine)
+        d["brain"] = MetaTensor(mask.float()[None], affine=image.affine)
+        d["input_brain"] = brain  # (X, Y, Z) bool on the input grid, for the inverse
+        return d
+
+    @staticmethod
+    def _mask_file(d: Mapping[Hashable, Any]) -> np.ndarray:
+        path = d.get("brain_mask")
+        reference = Path(d["reference"])
+        if path is None:
+            raise InputError(
+                f"{reference}: brain mask 'files' needs this case's mask: a CASE{BRAIN_MASK_SUFFIX}.nii.gz file beside its "
+                "channels (docs/data.md) or a brain_mask column in the manifest"
+            )
+        path = Path(path)
+        array, mask_image = load_nifti(path)
+        _check_same_grid((reference, nib.load(str(reference))), (path, mask_image),
+                         "a brain mask must lie on its case's grid (make it on this image, or resample it with nearest neighbour)")  # fmt: skip
+        return array > 0
 
 
 class PercentileNormalised(MapTransform):
@@ -303,13 +462,15 @@ def uncrop_planes(planes: torch.Tensor, box: tuple[tuple[int, int], tuple[int, i
     return out
 
 
-def build_chain(percentile: float = 99.0, register_to: str | None = None, allowed_labels: Sequence[int] | None = None) -> Compose:
+def build_chain(
+    percentile: float = 99.0, register_to: str | None = None, allowed_labels: Sequence[int] | None = None, brain_mask: str = "nonzero"
+) -> Compose:
     """The MONAI transform chain up to (and including) normalisation, for one case dict."""
-    transforms: list[Any] = [LoadCased(allowed_labels=allowed_labels)]
+    transforms: list[Any] = [LoadCased(allowed_labels=allowed_labels), BrainMaskd(brain_mask)]
     if register_to:
         transforms.append(RegisterToTemplated(register_to))
     transforms += [
-        Orientationd(keys=["image", "label"], axcodes="RAS", allow_missing_keys=True, labels=RAS_LABELS),
+        Orientationd(keys=["image", "label", "brain"], axcodes="RAS", allow_missing_keys=True, labels=RAS_LABELS),
         PercentileNormalised(percentile),
     ]
     return Compose(transforms)
@@ -334,38 +495,44 @@ def preprocess_case(
     register_to: str | None = None,
     allowed_labels: Sequence[int] | None = None,
     crop_margin_mm: float | None = None,
+    brain_mask: str = "nonzero",
+    brain_mask_path: str | Path | None = None,
 ) -> PreprocessedCase:
     """Run the whole chain of ALGORITHM.md section 1 on one case.
 
     ``crop_margin_mm``: None resizes the whole axial plane to S x S (the paper's chain); a number
     first crops the planes to :func:`brain_square_box` with that margin. Which slices are brain
     slices (``min_brain_fraction``) is decided on the whole plane either way.
+    ``brain_mask``: how the brain is found (:class:`BrainMaskd`); the crop, the slice rule and the
+    normalisation see only its voxels, the image is zero outside it. ``brain_mask_path``: the case's
+    mask file for ``files``.
 
     Returns:
         brain slices resized to ``image_size`` and scaled to [-1, 1], their masks (resize bilinear then > 0.5),
         and the :class:`CaseGeometry` to invert it.
     """
-    chain = build_chain(percentile, register_to, allowed_labels)
+    chain = build_chain(percentile, register_to, allowed_labels, brain_mask)
     try:
-        data = chain({"image": [str(p) for p in channel_paths], "label": label_path})
+        data = chain({"image": [str(p) for p in channel_paths], "label": label_path, "brain_mask": brain_mask_path})
     except RuntimeError as err:  # MONAI's Compose wraps every error in "applying transform ..."
         cause = _input_error_cause(err)
         if cause is None:
             raise
         raise cause from None
     image = data["image"].as_tensor().float()
-    brain_fraction = (image != 0).any(dim=0).float().mean(dim=(0, 1))  # (Z,)
+    brain = data["brain"].as_tensor()[0] > 0.5  # (X, Y, Z) on the RAS grid
+    brain_fraction = brain.float().mean(dim=(0, 1))  # (Z,)
     keep = torch.nonzero(brain_fraction >= min_brain_fraction).flatten()
     if keep.numel() == 0:
         raise InputError(
-            f"{data['reference']}: no slice has brain tissue (>= {min_brain_fraction:.0%} non-zero pixels); "
-            "check that this is a brain volume with zero background (skull-stripped), or leave this case out"
+            f"{data['reference']}: no slice has brain tissue (>= {min_brain_fraction:.0%} brain pixels, brain mask {brain_mask}); "
+            "check that this is a brain volume (skull-stripped, or give it a brain mask), or leave this case out"
         )
     planes = image[..., keep]
     label_planes = data["label"].as_tensor()[..., keep] if "label" in data else None
     box = None
     if crop_margin_mm is not None:
-        box = brain_square_box((image != 0).any(dim=0), np.linalg.norm(np.asarray(data["image"].affine)[:3, :2], axis=0), crop_margin_mm)
+        box = brain_square_box(brain, np.linalg.norm(np.asarray(data["image"].affine)[:3, :2], axis=0), crop_margin_mm)
         planes = crop_planes(planes, box)
         label_planes = None if label_planes is None else crop_planes(label_planes, box)
     spacing = np.linalg.norm(np.asarray(data["image"].affine)[:3, :3], axis=0)
@@ -383,6 +550,7 @@ def preprocess_case(
         registration=data.get("registration"),
         crop_box=box,
         slice_voxel_mm=slice_voxel_mm,
+        brain=data["input_brain"],
     )
     return PreprocessedCase(slices, masks, geometry)
 
@@ -392,8 +560,12 @@ def preprocess_with(
     channel_paths: Sequence[str | Path],
     label_path: str | Path | None,
     allowed_labels: Sequence[int] | None = None,
+    brain_mask_path: str | Path | None = None,
 ) -> PreprocessedCase:
-    """:func:`preprocess_case` with the settings of a store or model folder (the one way the pipeline calls it)."""
+    """:func:`preprocess_case` with the settings of a store or model folder (the one way the pipeline calls it).
+
+    ``brain_mask_path``: the case's brain mask file, read when ``config.brain_mask`` is ``files``.
+    """
     return preprocess_case(
         channel_paths,
         label_path,
@@ -403,6 +575,8 @@ def preprocess_with(
         register_to=config.register_to,
         allowed_labels=allowed_labels,
         crop_margin_mm=config.crop_margin_mm if config.crop_foreground else None,
+        brain_mask=config.brain_mask,
+        brain_mask_path=brain_mask_path,
     )
 
 
@@ -423,7 +597,7 @@ def slices_to_volume(values: torch.Tensor, geometry: CaseGeometry, kind: str) ->
         kind: ``"map"`` (bilinear, float32) or ``"mask"`` (bilinear of the 0/1 mask then >= 0.5, uint8).
 
     Returns:
-        (X, Y, Z) array on the input grid; slices without brain are zero.
+        (X, Y, Z) array on the input grid; zero on slices without brain and outside ``geometry.brain``.
     """
     if kind not in ("map", "mask"):
         raise ValueError(f"kind={kind!r}; choose 'map' or 'mask'")
@@ -441,6 +615,8 @@ def slices_to_volume(values: torch.Tensor, geometry: CaseGeometry, kind: str) ->
         volume = from_ras(ras_np, geometry.input_affine)
     else:
         volume = _unregister(ras_np, geometry)
+    if geometry.brain is not None:
+        volume = np.where(geometry.brain, volume, 0.0)
     if kind == "mask":
         return (volume >= 0.5).astype(np.uint8)
     return volume.astype(np.float32)

@@ -19,6 +19,13 @@ store's case geometry it then breaks every method down:
     python benchmarks/accuracy.py --cases 20
     python benchmarks/accuracy.py --layout atlas --model bundled-atlas --cases 20
     python benchmarks/accuracy.py --cases 4 --max-slices 40 --methods anofpdm-ddim,threshold
+    python benchmarks/accuracy.py --layout atlas --cases 10 --whole-head --methods anofpdm-ddim,anofpdm-ddim-volume
+
+The test cohort is drawn skull-stripped (as before whole heads existed). ``--whole-head`` draws the same
+patients (same seed, the same brains voxel for voxel) a second time as whole heads (scalp, skull, noise in
+the air; ``anofpdm phantom --whole-head``), preprocesses both with the layout's brain mask (atlas: template)
+and reports both, the DICE difference per method, the slices and crop each store kept per case, and the
+mask pixels outside the brain (the store's brain foreground).
 """
 
 from __future__ import annotations
@@ -77,12 +84,13 @@ def check_kinds(raw: Path, kinds: tuple[str, ...], name: str) -> tuple[dict[str,
 
 
 def build_store(work: Path, name: str, layout: str, kinds: tuple[str, ...], cases: int, seed: int, split: str,
-                size: int, healthy: float) -> tuple[Path, Path]:  # fmt: skip
+                size: int, healthy: float, whole_head: bool = False) -> tuple[Path, Path]:  # fmt: skip
     """(raw cohort, preprocessed store) of a phantom cohort, reused when a previous run already built it."""
-    tag = f"{name}_{layout}_{'-'.join(kinds)}_{cases}c_seed{seed}_{size}px"
+    tag = f"{name}_{layout}_{'-'.join(kinds)}_{cases}c_seed{seed}_{size}px{'_wholehead' if whole_head else ''}"
     raw, store = work / f"{tag}_raw", work / f"{tag}_store"
     if not (store / "manifest.csv").is_file():
-        generate_cohort(raw, layout, cases, healthy_fraction=healthy, seed=seed, workers=2, lesions=kinds)
+        generate_cohort(raw, layout, cases, healthy_fraction=healthy, seed=seed, workers=2, lesions=kinds,
+                        whole_head=whole_head)  # fmt: skip
         assert cli(["preprocess", "-i", str(raw), "-o", str(store), "--dataset", layout, "--size", str(size),
                     "--split", split, "--workers", "2"]) == 0  # fmt: skip
     return raw, store
@@ -279,6 +287,8 @@ def main() -> None:
     parser.add_argument("--tune", action="append", default=[], metavar="METHOD.PARAM=V1,V2",
                         help="passed to evaluate: a pixel-label baseline's grid (default: each method's own grid)")
     parser.add_argument("--tune-slices", type=int, default=None, help="passed to evaluate: validation slices the baselines are tuned on")
+    parser.add_argument("--whole-head", action="store_true", help="also draw the test patients as whole heads and "
+                        "compare (atlas: through the template brain mask)")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON (default: benchmarks/results/accuracy.json, accuracy_atlas.json)")
     args = parser.parse_args()
     layout_defaults = {"brats": ("bundled", "accuracy.json"), "atlas": ("bundled-atlas", "accuracy_atlas.json")}
@@ -298,14 +308,32 @@ def main() -> None:
         val_raw, val = build_store(work, "val", args.layout, kinds, args.val_cases, 4, "0,1,0", size, healthy=0.2)
         check_kinds(val_raw, kinds, "val")
         val_args = ["--val-data", str(val)]
+    if not args.whole_head:
+        body = run_cohort(args, model, methods, kinds, raw, test, val_args, direction)
+        write_json(args.out, {"benchmark": "accuracy", "args": vars(args), "missing_kinds": missing, **body})
+        return
+    runs = {"skull-stripped": (raw, test)}
+    runs["whole-head"] = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size, healthy=0.2,
+                                     whole_head=True)  # fmt: skip
+    results = {head: run_cohort(args, model, methods, kinds, cohort, store, val_args, direction)
+               for head, (cohort, store) in runs.items()}  # fmt: skip
+    comparison = head_comparison(results, runs)
+    print(json.dumps({k: v for k, v in comparison.items() if k != "cases"}, indent=1))
+    write_json(args.out, {"benchmark": "accuracy_whole_head", "args": vars(args), "comparison": comparison, **results})
+
+
+def run_cohort(args: argparse.Namespace, model: Path, methods: list[str], kinds: tuple[str, ...], raw: Path, test: Path,
+               val_args: list[str], direction: Direction) -> dict:  # fmt: skip
+    """``anofpdm evaluate`` of ``methods`` on one test store, and its breakdowns (the JSON body of one run)."""
     start = time.perf_counter()
     # one results folder per method set, so runs with other methods on the same cohort keep theirs
     results = test.parent / f"{test.name.removesuffix('_store')}_results_{'+'.join(methods)}"
     subset = ["--max-slices", str(args.max_slices)] if args.max_slices > 0 else []
     tune = [a for t in args.tune for a in ("--tune", t)]
     tune += ["--tune-slices", str(args.tune_slices)] if args.tune_slices else []
+    # --continue: a rerun after an interruption keeps the cases already evaluated (same model and settings)
     code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", ",".join(methods),
-                "--batch-size", str(args.batch_size), *tune, *val_args, *subset])  # fmt: skip
+                "--batch-size", str(args.batch_size), "--continue", *tune, *val_args, *subset])  # fmt: skip
     seconds = time.perf_counter() - start
     evaluated = Evaluated(results, raw, test)
     methods = [m for m in methods if m in evaluated.summary]
@@ -314,11 +342,28 @@ def main() -> None:
     detection = detection_table(evaluated, methods)
     tables = tables_markdown(by_kind, by_size, detection, kinds, evaluated.oracle)
     print("\n" + tables)
-    write_json(args.out, {"benchmark": "accuracy", "args": vars(args), "methods": methods, "kinds": list(kinds),
-                          "cohort_kinds": dict(cohort_kinds), "missing_kinds": missing, "exit_code": code,
-                          "seconds": seconds, "summary": evaluated.summary,
-                          "summary_md": (results / "summary.md").read_text(), "by_kind": by_kind,
-                          "by_size": by_size, "detection": detection, "tables_md": tables})  # fmt: skip
+    outside = {m: int(sum((method_outputs(a, m, evaluated.oracle)[1] & ~a["foreground"]).sum() for _, a in evaluated))
+               for m in methods}  # fmt: skip
+    cohort_kinds = dict(Counter(case["kind"] for case in load_lesion_metadata(raw).values()))
+    return {"methods": methods, "kinds": list(kinds), "cohort_kinds": cohort_kinds, "exit_code": code,
+            "seconds": seconds, "summary": evaluated.summary, "summary_md": (results / "summary.md").read_text(),
+            "by_kind": by_kind, "by_size": by_size, "detection": detection, "tables_md": tables,
+            "mask_pixels_outside_brain": outside}  # fmt: skip
+
+
+def head_comparison(results: dict, runs: dict) -> dict:
+    """Whole heads against the same patients skull-stripped: unhealthy DICE per method (and the difference in
+    points), mask pixels outside the brain foreground, and per case the slices and crop box each store kept."""
+    dice = {head: {m: r["summary"][m]["unhealthy_dice"] for m in r["methods"]} for head, r in results.items()}
+    ss, wh = dice["skull-stripped"], dice["whole-head"]
+    cases: dict[str, dict] = {}
+    for head, (_, store) in runs.items():
+        for meta in sorted((store / "cases").glob("*.json")):
+            info = json.loads(meta.read_text())
+            cases.setdefault(meta.stem, {})[head] = {"slices": [min(info["slices"]), max(info["slices"])],
+                                                      "crop_box": info.get("crop_box")}  # fmt: skip
+    return {"unhealthy_dice": dice, "dice_difference_points": {m: 100.0 * (wh[m] - ss[m]) for m in ss if m in wh},
+            "mask_pixels_outside_brain": {h: r["mask_pixels_outside_brain"] for h, r in results.items()}, "cases": cases}
 
 
 if __name__ == "__main__":

@@ -61,6 +61,19 @@ MS_ENHANCING_FRACTION = 0.3
 # Infiltrative regions: relative signal change over the underlying tissue, (low, high) per channel.
 INFILTRATIVE_CHANGE = {"flair": (0.15, 0.25), "t2": (0.10, 0.20), "t1": (-0.10, -0.05), "t1ce": (-0.10, -0.05)}
 
+# Around the brain of a whole-head phantom (PhantomCase(whole_head=True)): layer thickness in mm
+# (mean, smooth spread) from the brain outwards, and intensity per sequence (brightest tissue = 1.0):
+# CSF as in the brain, cortical bone dark on every sequence, fatty marrow and scalp bright on T1.
+HEAD_LAYERS_MM = {"csf": (2.0, 0.8), "skull": (6.0, 1.5), "scalp": (5.0, 1.5)}
+HEAD_CONTRAST = {
+    "t1": {"csf": 0.25, "bone": 0.06, "marrow": 0.6, "scalp": 0.85},
+    "t1ce": {"csf": 0.25, "bone": 0.06, "marrow": 0.6, "scalp": 0.85},
+    "t2": {"csf": 1.00, "bone": 0.05, "marrow": 0.5, "scalp": 0.55},
+    "flair": {"csf": 0.15, "bone": 0.05, "marrow": 0.45, "scalp": 0.65},
+}
+# Phantoms are drawn as the real datasets ship: BraTS skull-stripped, ATLAS v2.0 as whole heads.
+WHOLE_HEAD_DEFAULT = {"brats": False, "atlas": True}
+
 BRATS_SHAPE = (240, 240, 155)
 # LPS voxel order like the BraTS21 files; the brain sits in the middle of the grid.
 BRATS_AFFINE = np.array(
@@ -172,12 +185,15 @@ class PhantomCase:
         seed: per-case seed; the same seed gives the same case.
         kind: lesion kind (``tumour``, ``stroke``, ``ms``, ``infiltrative``); ``None`` is the
             layout's classic kind (tumours for ``brats``, strokes for ``atlas``).
+        whole_head: also draw what lies around the brain (a CSF rim, the skull, the scalp) and
+            Rician noise in the air, as ATLAS v2.0 and clinical exports ship; the brain itself is
+            the skull-stripped case voxel for voxel (the head comes from a random stream of its own).
 
     After :meth:`generate`, ``lesion_info`` lists each lesion's kind, centre voxel on the output
     grid and ground-truth volume (ml).
     """
 
-    def __init__(self, layout: str, n_lesions: int, seed: int, kind: str | None = None) -> None:
+    def __init__(self, layout: str, n_lesions: int, seed: int, kind: str | None = None, whole_head: bool = False) -> None:
         if layout not in ("brats", "atlas"):
             raise ValueError(f"layout={layout!r}; choose 'brats' or 'atlas'")
         kind = ("tumour" if layout == "brats" else "stroke") if kind is None else kind
@@ -188,6 +204,9 @@ class PhantomCase:
         self.layout = layout
         self.n_lesions = n_lesions
         self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.whole_head = bool(whole_head)
+        self.channel_noise: dict[str, tuple[float, float]] = {}
         self.template = load_template()
         if layout == "brats":
             self.full_shape, self.affine, self.channels = BRATS_SHAPE, BRATS_AFFINE, BRATS_CHANNELS
@@ -435,7 +454,51 @@ class PhantomCase:
                 if label in memberships:
                     labels[memberships[label]] = label
             images = self._contrast(tissue, labels, brain)
-        return {name: self._paste(img.numpy()) for name, img in images.items()}, self._paste(labels.numpy())
+        full = {name: self._paste(img.numpy()) for name, img in images.items()}
+        self.brain = self._paste(brain.numpy())  # (X, Y, Z) bool on the output grid
+        if self.whole_head:
+            full = self._add_head(full, self.brain)
+        return full, self._paste(labels.numpy())
+
+    def _add_head(self, images: dict[str, np.ndarray], brain: np.ndarray) -> dict[str, np.ndarray]:
+        """Surround the brain with a CSF rim, the skull (dark tables, brighter marrow) and the scalp, and
+        fill the air with Rician noise of the case's own level; voxels of ``brain`` keep their values.
+
+        Layer thicknesses (mm) vary smoothly around the head: CSF rim ~2, skull ~6 (marrow in its middle
+        third), scalp ~5 (:data:`HEAD_LAYERS_MM`); intensities relative to each sequence's brightest
+        tissue are in :data:`HEAD_CONTRAST`.
+        """
+        from scipy.ndimage import distance_transform_edt
+
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 24]))
+        spacing = np.linalg.norm(self.affine[:3, :3], axis=0)
+        depth = torch.from_numpy(distance_transform_edt(~brain, sampling=spacing).astype(np.float32))
+        bounds, edge = [], torch.zeros(self.full_shape)
+        for (mean, spread), coarse in zip(HEAD_LAYERS_MM.values(), (5, 4, 6)):
+            edge = edge + (mean + spread * _smooth_noise(self.full_shape, coarse, rng)).clamp_min(0.5 * mean)
+            bounds.append(edge)
+        rim, skull, scalp = bounds
+        layer = {
+            "csf": (depth > 0) & (depth <= rim),
+            "bone": (depth > rim) & (depth <= skull),
+            "scalp": (depth > skull) & (depth <= scalp),
+        }
+        marrow = layer["bone"] & ((depth - rim - (skull - rim) / 3.0).abs() <= (skull - rim) / 6.0)
+        out = {}
+        for name, image in images.items():
+            contrast = HEAD_CONTRAST[name]
+            head = torch.zeros(self.full_shape)
+            for part, member in layer.items():
+                head[member] = contrast[part] * rng.uniform(0.9, 1.1)
+            head[marrow] = contrast["marrow"] * rng.uniform(0.9, 1.1)
+            head = head * (1.0 + 0.1 * _smooth_noise(self.full_shape, 20, rng))
+            head = _gaussian_blur(head[None], 0.8)[0]
+            sigma, scale = self.channel_noise[name]
+            n1 = torch.from_numpy(rng.standard_normal(self.full_shape, dtype=np.float32))
+            n2 = torch.from_numpy(rng.standard_normal(self.full_shape, dtype=np.float32))
+            head = torch.sqrt((head + sigma * n1) ** 2 + (sigma * n2) ** 2) * scale
+            out[name] = np.where(brain, image, head.numpy()).astype(image.dtype)
+        return out
 
     def _paste(self, box_array: np.ndarray) -> np.ndarray:
         """Place an array computed inside the working box onto the full, otherwise zero, grid."""
@@ -524,7 +587,9 @@ class PhantomCase:
             n1 = torch.from_numpy(self.rng.standard_normal(self.shape, dtype=np.float32))
             n2 = torch.from_numpy(self.rng.standard_normal(self.shape, dtype=np.float32))
             image = torch.sqrt((image + sigma * n1) ** 2 + (sigma * n2) ** 2)
-            images[name] = torch.where(brain, image, torch.zeros(())) * (1000.0 * self.rng.uniform(0.8, 1.2))
+            scale = 1000.0 * self.rng.uniform(0.8, 1.2)
+            self.channel_noise[name] = (sigma, scale)  # the whole head is drawn in the same units
+            images[name] = torch.where(brain, image, torch.zeros(())) * scale
         return images
 
 
@@ -545,7 +610,7 @@ def atlas_case_paths(root: Path, index: int) -> tuple[str, dict[str, Path], Path
 
 
 def write_case(
-    layout: str, root: Path, index: int, n_lesions: int, seed: int, kind: str | None = None
+    layout: str, root: Path, index: int, n_lesions: int, seed: int, kind: str | None = None, whole_head: bool = False
 ) -> tuple[str, dict]:
     """Generate case ``index`` of a cohort and write it in the real dataset's layout.
 
@@ -556,7 +621,7 @@ def write_case(
 
     paths = brats_case_paths if layout == "brats" else atlas_case_paths
     case_id, channel_paths, label_path = paths(root, index)
-    phantom = PhantomCase(layout, n_lesions, seed, kind)
+    phantom = PhantomCase(layout, n_lesions, seed, kind, whole_head=whole_head)
     images, labels = phantom.generate()
     if layout == "atlas":
         labels = (labels > 0).astype(np.uint8)  # ATLAS masks are binary whatever the kind
@@ -597,6 +662,7 @@ def generate_cohort(
     workers: int = 1,
     progress: bool = True,
     lesions: str | list[str] | tuple[str, ...] | None = None,
+    whole_head: bool | None = None,
 ) -> list[str]:
     """Write a phantom cohort of ``cases`` patients; a fraction ``healthy_fraction`` carries no lesion.
 
@@ -606,6 +672,10 @@ def generate_cohort(
 
     Case ``i`` of a cohort with seed ``s`` is seeded by ``(s, i)``, so cohorts with different seeds
     never share an anatomy and rerunning a cohort reproduces it file for file.
+
+    ``whole_head``: draw the head around the brain (:class:`PhantomCase`); ``None`` is the layout's
+    way of shipping (:data:`WHOLE_HEAD_DEFAULT`: ``atlas`` whole heads, ``brats`` skull-stripped). The
+    brains of a cohort do not depend on it: the same seed gives the same brains either way.
     """
     import json
 
@@ -614,6 +684,7 @@ def generate_cohort(
     from anofpdm_monai.io import atomic_write_text
 
     kinds = parse_lesions(layout, lesions)
+    whole_head = WHOLE_HEAD_DEFAULT[layout] if whole_head is None else bool(whole_head)
     if cases < 1:
         raise ValueError(f"cases={cases} must be at least 1")
     if not 0.0 <= healthy_fraction <= 1.0:
@@ -635,7 +706,7 @@ def generate_cohort(
             n_lesions = int(kind_rng.integers(1, 3))
         case_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         # Healthy cases take the classic path whatever kind was drawn, so they are what they were.
-        jobs.append((layout, root, i, n_lesions, case_seed, kind if n_lesions else None))
+        jobs.append((layout, root, i, n_lesions, case_seed, kind if n_lesions else None, whole_head))
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 

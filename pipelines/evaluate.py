@@ -10,7 +10,7 @@ from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.methods import all_methods
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings
 from anofpdm_monai.tuning import DEFAULT_TUNING_SLICES, parse_tune_options
-from pipelines.options import add_device_arguments, add_max_voxels_argument, cli_message, record_of
+from pipelines.options import add_brain_mask_argument, add_device_arguments, add_max_voxels_argument, cli_message, record_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,12 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
     parser.add_argument("--part-id", type=int, default=0, help="which part this process evaluates, 0 .. --num-parts - 1")
     parser.add_argument("--report", action="store_true", help="also write the cohort report RESULTS/report/index.html (as 'anofpdm report')")
+    add_brain_mask_argument(parser, "raw cohorts only (a store was masked when preprocessed); default: the model folder's")
     add_max_voxels_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     results = Path(args.results_dir)
-    settings = InferenceSettings(steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed, precision=args.precision)
+    settings = InferenceSettings(steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+                                 brain_mask=args.brain_mask)
     methods = None if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     evaluation = EvaluationSettings(
         methods=methods, split=args.split, max_slices=args.max_slices, val_data=args.val_data, tune=parse_tune_options(args.tune),

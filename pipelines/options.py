@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from anofpdm_monai.config import BRAIN_MASK_MODES
 from anofpdm_monai.io import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, InputError
 from anofpdm_monai.networks import PRECISIONS
 from anofpdm_monai.provenance import run_record
@@ -19,6 +20,16 @@ def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
         "--max-voxels", type=int, default=None, metavar="N",
         help=f"refuse volumes whose header claims more voxels than this, before reading them "
              f"(default {DEFAULT_MAX_VOXELS} = 2 GiB as float32, or ${MAX_VOXELS_ENV})",
+    )  # fmt: skip
+
+
+def add_brain_mask_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--brain-mask``: how the chain finds the brain (docs/data.md); ``default`` says what None means for the verb."""
+    parser.add_argument(
+        "--brain-mask", default=None, choices=BRAIN_MASK_MODES,
+        help=f"nonzero (skull-stripped input), template (the MNI152 brain mask fitted by affine registration: whole "
+             f"heads such as ATLAS v2.0) or files (CASE_brainmask.nii.gz beside the channels, or a manifest brain_mask "
+             f"column); {default}",
     )  # fmt: skip
 
 

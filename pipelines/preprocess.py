@@ -9,7 +9,7 @@ from anofpdm_monai.cohorts import PreprocessSettings, preprocess_cohort
 from anofpdm_monai.data import assign_splits
 from anofpdm_monai.io import InputError
 from anofpdm_monai.logs import get_logger
-from pipelines.options import add_max_voxels_argument, cli_message, record_of
+from pipelines.options import add_brain_mask_argument, add_max_voxels_argument, cli_message, record_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resize the whole axial plane to S x S (the paper's chain) instead of the brain's bounding box padded to a square",
     )
     parser.add_argument("--crop-margin", type=float, default=5.0, help="margin around the brain's bounding box, mm")
+    add_brain_mask_argument(parser, "default: the layout's, brats nonzero, atlas template, others nonzero")
     parser.add_argument("--workers", type=int, default=1, help="cases preprocessed in parallel (processes)")
     parser.add_argument("--allow-skips", action="store_true", help="exit 0 even when cases were skipped")
     add_max_voxels_argument(parser)
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     settings = PreprocessSettings(
         dataset=args.dataset, size=args.size, split=_parse_split(args.split), seed=args.seed, register_to=args.register_to,
         map_channels=tuple(args.map_channels.split(",")) if args.map_channels else None, crop=not args.no_crop,
-        crop_margin_mm=args.crop_margin, workers=args.workers,
+        crop_margin_mm=args.crop_margin, workers=args.workers, brain_mask=args.brain_mask,
     )  # fmt: skip
     outcome = preprocess_cohort(
         args.input, Path(args.output), settings, record=lambda resolved: record_of("preprocess", args, resolved),

@@ -15,12 +15,12 @@ from anofpdm_monai.methods import anofpdm_methods
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, InferenceSettings
 from anofpdm_monai.provenance import check_continuation, inference_settings, write_run_record
 from anofpdm_monai.readers import records_for_inference
-from pipelines.options import add_device_arguments, add_max_voxels_argument, cli_message, record_of
+from pipelines.options import add_brain_mask_argument, add_device_arguments, add_max_voxels_argument, cli_message, record_of
 
 log = get_logger()
 # the settings that change what segment writes (--continue refuses to mix outputs made with others)
 OUTPUT_SETTINGS = ("method", "encoding", "steps", "stride", "w", "thr_01", "D", "calibration_sha256", "seed", "precision",
-                   "keep_3d_components", "save_anomaly")  # fmt: skip
+                   "keep_3d_components", "save_anomaly", "brain_mask")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (or run under torchrun)")
     parser.add_argument("--part-id", type=int, default=0, help="which part this process segments, in [0, --num-parts)")
+    add_brain_mask_argument(parser, "default: the model folder's (its config.json preprocess.brain_mask)")
     add_max_voxels_argument(parser)
 
 
@@ -50,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     settings = InferenceSettings(
         method=args.method, steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed,
-        precision=args.precision, keep_3d_components=args.keep_3d_components,
+        precision=args.precision, keep_3d_components=args.keep_3d_components, brain_mask=args.brain_mask,
     )  # fmt: skip
     inferer = VolumeInferer(args.model, settings, device=args.device)
     resolved = {**settings.to_dict(), **inference_settings(inferer.slice_inferer), "device": str(inferer.device),
+                "brain_mask": inferer.preprocess_config.brain_mask,
                 "num_parts": num_parts, "part_id": part_id}  # fmt: skip
     record = record_of("segment", args, resolved, inferer.model_dir)
     if args.resume and any(out_dir.glob("*.nii.gz")):

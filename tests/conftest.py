@@ -29,7 +29,7 @@ def brats_store(brats_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     store = tmp_path_factory.mktemp("brats_store")
     args = argparse.Namespace(
         input=str(brats_cohort), output=str(store), dataset="brats", size=64, split="0.5,0.25,0.25", seed=0,
-        register_to=None, map_channels=None, workers=1, allow_skips=False, no_crop=False, crop_margin=5.0,
+        register_to=None, map_channels=None, workers=1, allow_skips=False, no_crop=False, crop_margin=5.0, brain_mask=None,
     )
     assert preprocess.run(args) == 0
     return store

@@ -29,7 +29,7 @@ def test_brats_layout_names_shapes_spacing_labels(brats_cohort):
 
 
 def test_atlas_layout(tmp_path):
-    generate_cohort(tmp_path, "atlas", cases=1, healthy_fraction=0.0, seed=7, progress=False)
+    generate_cohort(tmp_path, "atlas", cases=1, healthy_fraction=0.0, seed=7, progress=False, whole_head=False)
     anat = tmp_path / "ATLAS_2/Training/R001/sub-r001s001/ses-1/anat"
     t1 = anat / "sub-r001s001_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz"
     mask = anat / "sub-r001s001_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz"
