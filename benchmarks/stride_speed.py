@@ -7,7 +7,7 @@ timed on the same slices. Unhealthy-setup DICE on the unhealthy slices of a phan
 (build one with benchmarks/accuracy.py, or any store of the model's size). The volume is run with
 the default precision (``auto``).
 
-    python benchmarks/speed.py --store /tmp/anofpdm_accuracy/test_store --slices 48 --strides 1,5,10,20,30
+    python benchmarks/stride_speed.py --store /tmp/anofpdm_accuracy/test_store --slices 48 --strides 1,5,10,20,30
 """
 
 from __future__ import annotations
