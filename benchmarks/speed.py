@@ -217,10 +217,12 @@ def main() -> None:
             compile_seconds = time.perf_counter() - start
             run_c = run_volume(inferer, paths, record.case_id, Path(tmp) / "out_compiled")
             slices.predict_eps = plain
+            saved = run["network"] - run_c["network"]
             compiled = {"compile_seconds": compile_seconds, "network": run_c["network"], "network_plain": run["network"],
-                        "break_even_cases": compile_seconds / max(run["network"] - run_c["network"], 1e-9)}  # fmt: skip
+                        "break_even_cases": compile_seconds / saved if saved > 0 else None}  # fmt: skip
+            pays = f"pays after {compiled['break_even_cases']:.1f} cases" if saved > 0 else "never pays here (not faster)"
             print(f"compiled: first call {compile_seconds:.0f} s; network {run_c['network']:.1f} s per volume against "
-                  f"{run['network']:.1f} s; pays after {compiled['break_even_cases']:.1f} cases")
+                  f"{run['network']:.1f} s; {pays}")
 
     keys = ("volume", "floor", "volume_over_floor", "network_fraction", "preprocess", "network", "engine", "decisions", "write",
             "volume_cpu", "floor_cpu", "volume_over_floor_cpu", "network_fraction_cpu")

@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--strides", default="1,5,10,20,30")
     parser.add_argument("--precisions", default="fp32,bf16", help="network precisions to time the strides with")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--out", default="benchmarks/results/stride_speed.json")
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model)
     volume = VolumeInferer(model_dir, batch_size=args.batch_size, device="cpu")

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-3d-components", type=int, default=0, metavar="MIN_VOXELS",
                         help="drop 3-D lesion components smaller than this many voxels (0: keep all)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network: its first call compiles (about a minute on a CPU); for cohorts (docs/segment.md)")
+                        help="torch.compile the network: its first call compiles (minutes on a CPU); for cohorts where it was measured faster (docs/segment.md)")
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (or run under torchrun)")
     parser.add_argument("--part-id", type=int, default=0, help="which part this process segments, in [0, --num-parts)")
