@@ -77,7 +77,7 @@ class InferenceSettings:
         batch_size: slices per forward process (each network call sees 2 x this many inputs); bounds memory.
         seed: with the case id and slice index, seeds each slice's random numbers.
         precision: ``auto`` (fp32 or bf16, whichever the network runs faster in on this machine: timed once
-            and cached, :func:`~anofpdm_monai.networks.fastest_predictor`), ``fp32`` or ``bf16``.
+            and cached, :func:`~anofpdm_monai.networks.fastest_execution`), ``fp32`` or ``bf16``.
         compile: run the network through ``torch.compile`` (pays over a cohort, not one case).
         keep_3d_components: drop 3-D components of the volume mask smaller than this many voxels; 0 keeps all.
     """

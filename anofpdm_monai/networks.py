@@ -197,7 +197,7 @@ class NoisePredictor:
 
 
 def candidate_executions(precision: str, device: torch.device) -> list[tuple[str, str]]:
-    """The (precision, layout) pairs :func:`fastest_predictor` may choose from for ``precision`` on ``device``.
+    """The (precision, layout) pairs :func:`fastest_execution` may choose from for ``precision`` on ``device``.
 
     ``auto`` weighs bf16 only where the device computes it natively (:func:`native_bf16`); channels_last is
     weighed on CPUs and CUDA GPUs."""
