@@ -139,7 +139,7 @@ class ForwardProcessInferer(Inferer):
         encoding = encoding or settings.encoding
         calibration = model.calibration(encoding)
         return cls(
-            model.noise_predictor(settings.precision),
+            model.noise_predictor(settings.precision, compile=settings.compile),
             model.alphas_cumprod,
             calibration,
             variants=variants or (settings.variant,),

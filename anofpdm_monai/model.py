@@ -24,7 +24,7 @@ from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.config import BRAIN_MASK_MODES, TRAINING_SETTINGS_FILE, ModelConfig
 from anofpdm_monai.io import InputError, file_sha256, read_json
 from anofpdm_monai.methods import COMPONENTS_FOLDER, KINDS, AnoFPDMMethod, ReconstructionMethod, all_methods, anofpdm_methods
-from anofpdm_monai.networks import PRECISIONS, NoisePredictor, build_scheduler, load_model_folder, resolve_device, use_bf16
+from anofpdm_monai.networks import PRECISIONS, NoisePredictor, build_scheduler, fastest_execution, load_model_folder, resolve_device
 
 # Slices per forward process. Each network call sees 2 x this many inputs; 8 slices (16 inputs of
 # 64 x 64) was the fastest per slice on 2 CPU cores (10.5 ms per input against 26 ms at 200 inputs,
@@ -97,7 +97,9 @@ class InferenceSettings:
         stride: stride k; None takes the calibration's.
         batch_size: slices per forward process (each network call sees 2 x this many inputs); bounds memory.
         seed: with the case id and slice index, seeds each slice's random numbers.
-        precision: ``auto`` (bf16 where the device computes it natively), ``fp32`` or ``bf16``.
+        precision: ``auto`` (fp32 or bf16, whichever the network runs faster in on this machine: timed once
+            and cached, :func:`~anofpdm_monai.networks.fastest_execution`), ``fp32`` or ``bf16``.
+        compile: run the network through ``torch.compile`` (pays over a cohort, not one case).
         keep_3d_components: drop 3-D components of the volume mask smaller than this many voxels; 0 keeps all.
         brain_mask: how the chain finds the brain in this run's inputs (``nonzero``, ``template``, ``files``;
             ``anofpdm_monai.transforms.BrainMaskd``); None keeps the model folder's (docs/data.md).
@@ -111,6 +113,7 @@ class InferenceSettings:
     precision: str = "auto"
     keep_3d_components: int = 0
     brain_mask: str | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         methods = anofpdm_methods()
@@ -124,6 +127,8 @@ class InferenceSettings:
             raise InputError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}", arguments="precision")
         if self.brain_mask is not None and self.brain_mask not in BRAIN_MASK_MODES:
             raise InputError(f"brain_mask={self.brain_mask!r}: choose one of {', '.join(BRAIN_MASK_MODES)}", arguments="brain_mask")
+        if not isinstance(self.compile, bool):
+            raise InputError(f"compile={self.compile!r}: give True or False", arguments="compile")
 
     @property
     def encoding(self) -> str:
@@ -195,9 +200,13 @@ class AnoFPDMModel:
             self._calibrations[encoding] = calibration
         return self._calibrations[encoding]
 
-    def noise_predictor(self, precision: str = "auto") -> NoisePredictor:
-        """The network as ``eps(x_t, t, labels)`` at ``precision`` (see :class:`InferenceSettings`)."""
-        return NoisePredictor(self.network, autocast=use_bf16(precision, self.device))
+    def noise_predictor(self, precision: str = "auto", compile: bool = False) -> NoisePredictor:
+        """The network as ``eps(x_t, t, labels)`` at ``precision``, in the fastest layout for this machine
+        (timed on calls of 2 x DEFAULT_BATCH_SIZE slices; see :class:`InferenceSettings`)."""
+        net = self.config.network
+        shape = (2 * DEFAULT_BATCH_SIZE, net.in_channels, net.image_size, net.image_size)
+        run_precision, layout = fastest_execution(self.network, self.device, precision, shape)
+        return NoisePredictor(self.network, autocast=run_precision == "bf16", channels_last=layout == "channels_last", compile=compile)
 
     @property
     def sha256(self) -> str:

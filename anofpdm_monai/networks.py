@@ -7,23 +7,39 @@ classifier-free guidance).
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
+import os
+import platform
 import re
+import statistics
+import time
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
-from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
-from monai.networks.schedulers import DDPMScheduler
 
 from anofpdm_monai.config import DiffusionConfig, ModelConfig, NetworkConfig, check_register_to
 from anofpdm_monai.distributed import rank_device
-from anofpdm_monai.io import InputError, safe_torch_load
+from anofpdm_monai.io import InputError, InputWarning, atomic_write_json, safe_torch_load
+from anofpdm_monai.logs import get_logger
+
+if TYPE_CHECKING:  # MONAI's networks are imported where they are built: `anofpdm --help` and the light verbs skip them
+    from monai.networks.nets import DiffusionModelUNet
+    from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
+    from monai.networks.schedulers import DDPMScheduler
 
 HEALTHY = 0
 UNHEALTHY = 1
 NULL = 2
 NUM_CLASS_EMBEDS = 3
 PRECISIONS = ("auto", "fp32", "bf16")
+LAYOUTS = ("contiguous", "channels_last")  # memory formats of the network's activations and weights
+MEASURE_ENV = "ANOFPDM_MEASURE"  # "0": no timing; auto = bf16 where the device advertises it, default layout
+CACHE_FORMAT = 1
+MAX_CACHE_BYTES = 1 << 20
 
 
 def network_arguments(cfg: NetworkConfig) -> dict:
@@ -44,6 +60,8 @@ def network_arguments(cfg: NetworkConfig) -> dict:
 
 def build_network(cfg: NetworkConfig) -> DiffusionModelUNet:
     """Build the 2-D epsilon-predicting UNet of ``cfg`` (:func:`network_arguments`)."""
+    from monai.networks.nets import DiffusionModelUNet
+
     return DiffusionModelUNet(**network_arguments(cfg))
 
 
@@ -68,11 +86,15 @@ def classifier_arguments(cfg: NetworkConfig) -> dict:
 def build_classifier(cfg: NetworkConfig) -> DiffusionModelEncoder:
     """Build the noise-conditional classifier of ``cfg`` (:func:`classifier_arguments`): ``(x_t (N, C, S, S),
     timesteps (N,)) -> (N, 2)`` logits, index ``HEALTHY`` and ``UNHEALTHY``."""
+    from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
+
     return DiffusionModelEncoder(**classifier_arguments(cfg))
 
 
 def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     """MONAI's DDPM scheduler for ``cfg`` (linear betas 1e-4 to 0.02 over 1000 steps by default)."""
+    from monai.networks.schedulers import DDPMScheduler
+
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         schedule=cfg.schedule,
@@ -138,13 +160,27 @@ class NoisePredictor:
     """Callable ``eps(x_t, t, labels)`` over a UNet: the interface the forward process uses.
 
     Args:
-        network: a network built by :func:`build_network`, in eval mode.
+        network: a network built by :func:`build_network`, in eval mode. Its weights are put in the
+            layout asked for (in place; the values do not change).
         autocast: run the network under bf16 autocast (on CPU or CUDA); its output is cast back to float32.
+        channels_last: run weights and inputs in ``torch.channels_last`` memory format (NHWC). In fp32 the
+            values are those of the default layout within float rounding (a test: the same masks).
+        compile: run ``torch.compile(network)``; the first call compiles (tens of seconds on a CPU), so it
+            pays over a cohort, not one case (docs/segment.md).
     """
 
-    def __init__(self, network: torch.nn.Module, autocast: bool = False) -> None:
-        self.network = network
+    def __init__(self, network: torch.nn.Module, autocast: bool = False, channels_last: bool = False, compile: bool = False) -> None:
+        self.network = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.autocast = autocast
+        self.channels_last = channels_last
+        self.compiled = compile
+        self._forward = torch.compile(network) if compile else network
+
+    @property
+    def execution(self) -> str:
+        """``precision/layout`` as run, e.g. ``fp32/channels_last`` (``+compile`` when compiled)."""
+        name = f"{'bf16' if self.autocast else 'fp32'}/{LAYOUTS[int(self.channels_last)]}"
+        return name + ("+compile" if self.compiled else "")
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -156,11 +192,152 @@ class NoisePredictor:
             labels: (N,) long class indices (HEALTHY, UNHEALTHY or NULL).
 
         Returns:
-            (N, C, S, S) float32 predicted noise.
+            (N, C, S, S) float32 predicted noise, contiguous.
         """
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            eps = self.network(x_t, timesteps=t, class_labels=labels)
-        return eps.float()
+            eps = self._forward(x_t, timesteps=t, class_labels=labels)
+        return eps.float().contiguous()
+
+
+def candidate_executions(precision: str, device: torch.device) -> list[tuple[str, str]]:
+    """The (precision, layout) pairs :func:`fastest_execution` may choose from for ``precision`` on ``device``.
+
+    ``auto`` weighs bf16 only where the device computes it natively (:func:`native_bf16`); channels_last is
+    weighed on CPUs and CUDA GPUs."""
+    use_bf16(precision, device)  # checks the name
+    precisions = ["fp32", "bf16"] if precision == "auto" and native_bf16(device) else ["bf16" if precision == "bf16" else "fp32"]
+    layouts = LAYOUTS if device.type in ("cpu", "cuda") else LAYOUTS[:1]
+    return [(p, layout) for p in precisions for layout in layouts]
+
+
+def time_executions(
+    network: torch.nn.Module, candidates: list[tuple[str, str]], input_shape: tuple[int, ...], device: torch.device, repeats: int = 3
+) -> dict[tuple[str, str], float]:
+    """Median seconds of one network call per candidate on (B, C, S, S) random inputs.
+
+    One warm-up round, then ``repeats`` rounds that visit every candidate in turn, so a load on the
+    machine that comes and goes weighs on all of them alike."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(input_shape, generator=generator).to(device)
+    t = torch.full((input_shape[0],), 100, dtype=torch.long, device=device)
+    labels = torch.full((input_shape[0],), NULL, dtype=torch.long, device=device)
+    seconds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
+    for round_ in range(repeats + 1):
+        for precision, layout in candidates:
+            predictor = NoisePredictor(network, autocast=precision == "bf16", channels_last=layout == "channels_last")
+            synchronize(device)
+            start = time.perf_counter()
+            predictor(x, t, labels)
+            synchronize(device)
+            if round_:
+                seconds[(precision, layout)].append(time.perf_counter() - start)
+    return {c: statistics.median(v) for c, v in seconds.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for anofpdm: ``$XDG_CACHE_HOME/anofpdm``, else ``~/.cache/anofpdm``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anofpdm"
+
+
+def machine_description(device: torch.device) -> dict:
+    """What the speed of a network call depends on besides the network: processor, threads, torch, device."""
+    processor = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            processor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), processor)
+    except OSError:
+        pass
+    return {
+        "machine": platform.machine(), "processor": processor, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+    }  # fmt: skip
+
+
+def execution_key(network: torch.nn.Module, input_shape: tuple[int, ...], device: torch.device, candidates: list) -> str:
+    """Cache key: this machine, the network's architecture (class and parameter shapes; not the weights'
+    values), the input shape and the candidates."""
+    architecture = [type(network).__name__, *[(name, list(v.shape)) for name, v in network.state_dict().items()]]
+    text = json.dumps([machine_description(device), architecture, list(input_shape), candidates], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_execution_cache(path: Path) -> dict:
+    """The entries of the cache file, checked as untrusted input; a bad file is ignored with one warning."""
+    if not path.is_file():
+        return {}
+    try:
+        if path.stat().st_size > MAX_CACHE_BYTES:
+            raise ValueError(f"larger than {MAX_CACHE_BYTES} bytes")
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
+            raise ValueError(f"not an object with format {CACHE_FORMAT} and entries")
+    except (OSError, ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        warnings.warn(f"{path}: ignored ({err}); the network will be timed again and the file rewritten (delete it to reset)",
+                      InputWarning, stacklevel=2)  # fmt: skip
+        return {}
+    return data["entries"]
+
+
+def cached_choice(entry: object, candidates: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """A cache entry's (precision, layout) when it is well formed and one of ``candidates``, else None."""
+    if not isinstance(entry, dict):
+        return None
+    choice = (entry.get("precision"), entry.get("layout"))
+    return choice if choice in candidates else None
+
+
+def fastest_execution(
+    network: torch.nn.Module, device: torch.device, precision: str = "auto", input_shape: tuple[int, ...] = (16, 1, 64, 64)
+) -> tuple[str, str]:
+    """``(precision, layout)`` for ``precision``: the fastest ``fp32``/``bf16`` and ``contiguous``/``channels_last``
+    measured on this machine (arguments of :class:`NoisePredictor`: ``autocast``, ``channels_last``).
+
+    The candidates (:func:`candidate_executions`) are timed once per machine and network architecture on
+    (B, C, S, S) inputs (a few seconds) and the choice is cached in ``cache_dir()/execution.json``; later
+    runs read it. With ``ANOFPDM_MEASURE=0`` nothing is timed: ``auto`` takes bf16 where the device
+    advertises it natively (:func:`native_bf16`) and the default layout.
+
+    Args:
+        network: the UNet, in eval mode, on ``device``.
+        precision: ``auto``, ``fp32`` or ``bf16`` (the two fixed ones still choose the layout).
+        input_shape: (B, C, S, S) of one network call: 2 x the batch size of slices.
+    """
+    candidates = candidate_executions(precision, device)
+    if os.environ.get(MEASURE_ENV, "1") == "0":
+        choice = ("bf16" if use_bf16(precision, device) else "fp32", "contiguous")
+    elif len(candidates) == 1:
+        choice = candidates[0]
+    else:
+        path = cache_dir() / "execution.json"
+        entries = read_execution_cache(path)
+        key = execution_key(network, input_shape, device, candidates)
+        choice = cached_choice(entries.get(key), candidates)
+        if choice is None and key in entries:
+            warnings.warn(f"{path}: ignored the entry for this machine and network (not a precision and layout of "
+                          f"{candidates}); the network will be timed again", InputWarning, stacklevel=2)  # fmt: skip
+        if choice is None:
+            seconds = time_executions(network, candidates, tuple(input_shape), device)
+            choice = min(seconds, key=seconds.get)
+            entries[key] = {"precision": choice[0], "layout": choice[1], "input_shape": list(input_shape),
+                            "seconds": {f"{p}/{layout}": s for (p, layout), s in seconds.items()},
+                            "machine": machine_description(device), "date": datetime.datetime.now().isoformat(timespec="seconds")}  # fmt: skip
+            timings = ", ".join(f"{p}/{layout} {s * 1000:.0f} ms" for (p, layout), s in seconds.items())
+            try:
+                atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
+                where = f"cached in {path}"
+            except OSError as err:
+                where = f"not cached ({path}: {err.strerror})"
+            get_logger().info(f"network timed on this machine ({timings} per call of {input_shape[0]}): "
+                              f"{choice[0]}/{choice[1]}, {where}")  # fmt: skip
+    return choice
 
 
 def load_model_folder(

@@ -362,6 +362,16 @@ class BrainMaskd(MapTransform):
         return array > 0
 
 
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) of a 1-D float tensor of finite values, bit for bit,
+    by two selections instead of a sort: 2.1 s -> 0.3 s per channel of a 240 x 240 x 155 brain on 2 CPU cores."""
+    ranks = torch.tensor(q, dtype=values.dtype) * (values.numel() - 1)  # as torch.quantile: in the values' dtype
+    below, above = int(ranks.floor()), int(ranks.ceil())
+    low = torch.kthvalue(values, below + 1).values
+    high = low if above == below else torch.kthvalue(values, above + 1).values
+    return torch.lerp(low, high, ranks - below)
+
+
 class PercentileNormalised(MapTransform):
     """Divide each channel by a percentile of its non-zero (brain) voxels (ALGORITHM.md section 1)."""
 
@@ -379,7 +389,7 @@ class PercentileNormalised(MapTransform):
             brain = channel[channel != 0]
             if brain.numel() == 0:
                 raise InputError(f"{d.get('reference')}: channel {c} is all zero after loading; it holds no image")
-            scale = torch.quantile(brain.float()[:: max(1, brain.numel() // 2_000_000)], self.percentile / 100.0)
+            scale = quantile(brain.float()[:: max(1, brain.numel() // 2_000_000)], self.percentile / 100.0)
             scaled.append(channel / scale.clamp_min(1e-8))
         d["image"] = MetaTensor(torch.stack(scaled), affine=image.affine)
         return d

@@ -7,15 +7,12 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 from anofpdm_monai import __version__
-from anofpdm_monai.io import MAX_VOXELS_ENV, InputError, set_max_voxels
-from anofpdm_monai.logs import verb_logging
-from anofpdm_monai.provenance import command_line
-from anofpdm_monai.threads import configure_threads
-from pipelines.options import cli_message
 
+# The library (torch, MONAI) is imported only by the verb that runs: `anofpdm --help` imports neither, and a
+# verb's flags come from its own module alone (tests/test_cli.py counts what `--help` and `phantom` import).
 # verb -> (module under pipelines/, one-line help)
 VERBS = {
     "demo": ("demo", "segment and evaluate fresh phantom patients with the bundled model (start here)"),
@@ -41,7 +38,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``anofpdm`` parser; only the verbs in ``verbs`` (default: all) get their flags (importing their modules)."""
     parser = argparse.ArgumentParser(
         prog="anofpdm", description="AnoFPDM brain-MRI anomaly segmentation without pixel labels (MONAI).",
         formatter_class=DefaultsHelpFormatter,
@@ -50,8 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (module, help_text) in VERBS.items():
         verb_parser = sub.add_parser(verb, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
-        importlib.import_module(f"pipelines.{module}").add_arguments(verb_parser)
+        if verbs is None or verb in verbs:
+            importlib.import_module(f"pipelines.{module}").add_arguments(verb_parser)
     return parser
+
+
+def verb_in(argv: Sequence[str]) -> list[str]:
+    """The verb ``argv`` names (the first word that is one), as a list of none or one."""
+    return [word for word in argv if word in VERBS][:1]
 
 
 def cli_reference() -> str:
@@ -98,7 +102,13 @@ def restored_threads() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(verb_in(sys.argv[1:] if argv is None else argv)).parse_args(argv)
+    from anofpdm_monai.io import MAX_VOXELS_ENV, InputError, set_max_voxels
+    from anofpdm_monai.logs import verb_logging
+    from anofpdm_monai.provenance import command_line
+    from anofpdm_monai.threads import configure_threads
+    from pipelines.options import cli_message
+
     args.command_line = command_line(argv)  # for the run record (run.json); not a flag
     module = importlib.import_module(f"pipelines.{VERBS[args.verb][0]}")
     with verb_logging(args.verb) as logger:  # console + the log file a verb adds; warnings routed in, once each

@@ -36,7 +36,8 @@ def add_brain_mask_argument(parser: argparse.ArgumentParser, default: str) -> No
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision``, shared by every verb that runs the network for inference."""
     parser.add_argument("--device", default="auto", help="where the network runs: auto (cuda when available), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: bf16 where the device computes it natively")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="network precision; auto: fp32 or bf16, whichever runs the network faster on this machine "
+                        "(timed once, cached in ~/.cache/anofpdm; ANOFPDM_MEASURE=0: bf16 where the device advertises it)")
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N",
         help="CPU compute threads (default: torch's, capped at the CPUs this process may use: affinity and cgroup quota)",

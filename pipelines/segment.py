@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CASE_anomaly.nii.gz: zero outside the brain (masked, ~4x smaller), full, or none")
     parser.add_argument("--keep-3d-components", type=int, default=0, metavar="MIN_VOXELS",
                         help="drop 3-D lesion components smaller than this many voxels (0: keep all)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network: its first call compiles (minutes on a CPU); for cohorts where it was measured faster (docs/segment.md)")
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (or run under torchrun)")
     parser.add_argument("--part-id", type=int, default=0, help="which part this process segments, in [0, --num-parts)")
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     settings = InferenceSettings(
         method=args.method, steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed,
         precision=args.precision, keep_3d_components=args.keep_3d_components, brain_mask=args.brain_mask,
+        compile=args.compile,
     )  # fmt: skip
     inferer = VolumeInferer(args.model, settings, device=args.device)
     resolved = {**settings.to_dict(), **inference_settings(inferer.slice_inferer), "device": str(inferer.device),

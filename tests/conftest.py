@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,10 @@ import torch
 from data_prep.phantom import generate_cohort
 
 torch.set_num_threads(1)  # tests run tiny tensors; one thread avoids oversubscription with subprocesses
+# --precision auto without timing the network (bf16 where the CPU advertises it, the default layout), and no cache
+# written into the user's home; tests of the timing set these themselves (subprocesses inherit them)
+os.environ["ANOFPDM_MEASURE"] = "0"
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="anofpdm_test_cache_")
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,16 @@ def test_help_lists_exactly_the_verbs_that_have_a_run():
         assert callable(importlib.import_module(f"pipelines.{module}").run)
 
 
+IMPORTED = "import sys; from pipelines.cli import main\ntry:\n    main({argv})\nexcept SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'monai', 'monai.networks') if m in sys.modules))"
+
+
+@pytest.mark.parametrize("argv, imported", [(["--help"], []), (["phantom", "--help"], ["torch"]), (["report", "--help"], ["torch"])])
+def test_help_and_light_verbs_import_no_monai_networks(argv, imported):
+    """``anofpdm --help`` imports neither torch nor MONAI; verbs that build no network do not import MONAI's networks."""
+    out = subprocess.run([sys.executable, "-c", IMPORTED.format(argv=argv)], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == str(imported)
+
+
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "segment" in out.stdout

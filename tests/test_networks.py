@@ -3,6 +3,7 @@ choices, loading a model folder."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from anofpdm_monai import networks
 from anofpdm_monai.config import DiffusionConfig, ModelConfig, NetworkConfig, PreprocessConfig
-from anofpdm_monai.io import InputError
+from anofpdm_monai.io import InputError, InputWarning
 from anofpdm_monai.networks import HEALTHY, NULL, UNHEALTHY, NoisePredictor, build_network, drop_labels
 
 MICRO = NetworkConfig(preset="test-micro", image_size=16, in_channels=2, channels=(8, 8), attention_levels=(False, True),
@@ -133,3 +134,86 @@ def test_load_weights_refuses_what_is_not_a_state_dict(tmp_path):
     for state in ([torch.zeros(1)], {"conv_in.conv.weight": "text"}):
         with pytest.raises(InputError, match="not a plain state dict of tensors"):
             networks.load_weights(network, state, tmp_path / "model.pt", MICRO)
+
+
+# ---------------------------------------------------------------- layout and measured precision
+
+
+def test_fp32_channels_last_gives_the_same_masks_as_the_default_layout(brats_store, monkeypatch):
+    """Where the precision does not change, the layout changes maps only within float rounding and masks not at all
+    (the bundled model, calibrated settings, on the lesion slices of a phantom store)."""
+    from anofpdm_monai.data import PreprocessedStore
+    from anofpdm_monai.inferers import VolumeInferer
+
+    # keep every component: the masks are then the thresholded maps themselves, the decision most sensitive to a map's last bits
+    monkeypatch.setattr("anofpdm_monai.segmentation.min_component_area", lambda image_size: 0)
+    store = PreprocessedStore(brats_store)
+    rows = store.rows(None)
+    images = store.load_slices(rows.sort_values("lesion_pixels").tail(4))[0]
+    inferer = VolumeInferer("bundled", device="cpu", precision="fp32").slice_inferer
+    inferer.setup = "unhealthy"
+    assert inferer.predict_eps.execution == "fp32/contiguous"
+    default = inferer(images, "BraTS2021_00000")["aggregated"]
+    inferer.predict_eps = NoisePredictor(inferer.predict_eps.network, channels_last=True)
+    assert inferer.predict_eps.network.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = inferer(images, "BraTS2021_00000")["aggregated"]
+    masks = default.masks
+    assert 0 < masks.sum() < masks.numel(), "an empty or full mask would prove nothing"
+    torch.testing.assert_close(nhwc.maps, default.maps, rtol=1e-4, atol=1e-6)
+    assert torch.equal(nhwc.masks, masks)
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """Timing on (ANOFPDM_MEASURE unset), the cache in a fresh folder, bf16 advertised by the CPU."""
+    monkeypatch.delenv(networks.MEASURE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(networks, "native_bf16", lambda device: True)
+    return tmp_path / "anofpdm" / "execution.json"
+
+
+def refuse_timing(*args, **kwargs):
+    raise AssertionError("the network was timed although the cache holds the answer")
+
+
+def test_auto_times_each_candidate_once_then_reads_the_cache(measuring, monkeypatch):
+    cpu, shape = torch.device("cpu"), (4, 2, 16, 16)
+    network = micro_network()
+    choice = networks.fastest_execution(network, cpu, "auto", shape)  # really timed, on the micro network
+    assert choice in networks.candidate_executions("auto", cpu) and len(networks.candidate_executions("auto", cpu)) == 4
+    entry = next(iter(json.loads(measuring.read_text())["entries"].values()))
+    assert (entry["precision"], entry["layout"]) == choice and len(entry["seconds"]) == 4 and entry["input_shape"] == list(shape)
+    monkeypatch.setattr(networks, "time_executions", refuse_timing)
+    assert networks.fastest_execution(micro_network(seed=1), cpu, "auto", shape) == choice, "another seed: the same architecture"
+    # the fastest measured is chosen; a fixed precision still chooses its layout, and is cached under its own key
+    fake = {("fp32", "contiguous"): 3.0, ("fp32", "channels_last"): 2.0, ("bf16", "contiguous"): 1.0, ("bf16", "channels_last"): 4.0}
+    monkeypatch.setattr(networks, "time_executions", lambda net, candidates, *a, **k: {c: fake[c] for c in candidates})
+    assert networks.fastest_execution(network, cpu, "auto", (8, 2, 16, 16)) == ("bf16", "contiguous")
+    assert networks.fastest_execution(network, cpu, "fp32", (8, 2, 16, 16)) == ("fp32", "channels_last")
+    assert len(json.loads(measuring.read_text())["entries"]) == 3
+
+
+def test_no_timing_when_switched_off(measuring, monkeypatch):
+    monkeypatch.setenv(networks.MEASURE_ENV, "0")
+    monkeypatch.setattr(networks, "time_executions", refuse_timing)
+    cpu = torch.device("cpu")
+    assert networks.fastest_execution(micro_network(), cpu, "auto", (4, 2, 16, 16)) == ("bf16", "contiguous")
+    assert networks.fastest_execution(micro_network(), cpu, "fp32", (4, 2, 16, 16)) == ("fp32", "contiguous")
+    assert not measuring.exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", '["a list"]', '{"format": 99, "entries": {}}', "ENTRY", "x" * (2 << 20)])
+def test_a_bad_cache_is_ignored_with_one_warning_and_rewritten(measuring, monkeypatch, text):
+    cpu, shape, network = torch.device("cpu"), (4, 2, 16, 16), micro_network()
+    candidates = networks.candidate_executions("auto", cpu)
+    if text == "ENTRY":  # a well-formed file whose entry for this network names a layout that does not exist
+        key = networks.execution_key(network, shape, cpu, candidates)
+        text = json.dumps({"format": 1, "entries": {key: {"precision": "fp32", "layout": "diagonal"}}})
+    measuring.parent.mkdir(parents=True)
+    measuring.write_text(text)
+    monkeypatch.setattr(networks, "time_executions", lambda net, candidates, *a, **k: dict.fromkeys(candidates, 1.0))
+    with pytest.warns(InputWarning, match=f"{measuring}: ignored") as record:
+        assert networks.fastest_execution(network, cpu, "auto", shape) == candidates[0]
+    assert len(record) == 1
+    data = json.loads(measuring.read_text())
+    assert data["format"] == 1 and len(data["entries"]) == 1

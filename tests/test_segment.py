@@ -177,7 +177,7 @@ class OracleHealer:
 
 def use_oracle(monkeypatch: pytest.MonkeyPatch, w: float) -> None:
     """Make every VolumeInferer built from now on use :class:`OracleHealer` instead of its network."""
-    monkeypatch.setattr("anofpdm_monai.model.NoisePredictor", lambda network, autocast=False: OracleHealer(w))
+    monkeypatch.setattr("anofpdm_monai.model.NoisePredictor", lambda network, autocast=False, **layout: OracleHealer(w))
 
 
 def segment(*args: str) -> int:

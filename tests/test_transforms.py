@@ -365,3 +365,13 @@ def test_registration_recovers_a_translation_and_maps_back(tmp_path):
     back = slices_to_volume(case.masks, case.geometry, "mask")
     assert back.shape == lesion.shape
     assert _dice(back, lesion) > 0.7
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1001, 200_003])
+def test_quantile_is_torch_quantile_bit_for_bit(n):
+    """The percentile normalisation's selection-based quantile gives torch.quantile's value exactly (same masks)."""
+    from anofpdm_monai.transforms import quantile
+
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 100
+    for q in (0.0, 0.5, 0.99, 0.995, 1.0):
+        assert torch.equal(quantile(values, q), torch.quantile(values, q)), (n, q)
