@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anofpdm_monai.baselines import best_threshold_dice, tune_pixel_threshold
+from anofpdm_monai.baselines import best_threshold_dice
+from anofpdm_monai.reconstruction import tune_on_grid
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, load_case_results, merge_results, select_slices
 from anofpdm_monai.inferers import VolumeInferer
@@ -170,13 +171,14 @@ def test_ddib_baseline_is_tuned_on_validation_pixel_labels(model, brats_store, t
     assert evaluate(*ddib_only, "--tune", "ddib.depth=20", "--tune", "ddib.w=1") == 0
     retuned = json.loads(cache.read_text())
     assert retuned["result"]["setups"]["mixed"]["threshold"] != 123.0 and retuned["key"]["grid"]["depth"] == [20]
-    # the mixed threshold is the pooled-DICE optimum of the ddib maps of exactly those validation slices
+    # the mixed threshold is the mean-per-slice-DICE optimum (the Table-1 metric) of the ddib maps of exactly those validation slices
     store = PreprocessedStore(val)
     images, masks, _ = store.load_slices(store.rows("val"))
     inferer = VolumeInferer(model, device="cpu")
     context = MethodContext(inferer.model, inferer.settings)
     maps, _ = method_maps(get_method("ddib"), context, images, [0] * len(images), {"depth": 20, "w": 1})
-    assert retuned["result"]["setups"]["mixed"]["threshold"] == pytest.approx(tune_pixel_threshold(maps, masks, brain_foreground(images)))
+    expected = tune_on_grid(lambda params: maps, [{"depth": 20, "w": 1}], masks.numpy(), brain_foreground(images).numpy())
+    assert retuned["result"]["setups"]["mixed"]["threshold"] == pytest.approx(expected["mixed"]["threshold"])
 
 
 def test_unknown_tuning_hyperparameter_is_one_line_naming_the_flag(model, brats_store, tmp_path, capsys):
@@ -428,7 +430,7 @@ def test_results_folder_that_cannot_be_written(model, brats_store, tmp_path, cap
     assert evaluate("-m", model, "-i", brats_store, "-o", blocker / "results", *CHEAP) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert str(blocker / "results") in err[0] and "choose a writable -o" in err[0]
+    assert str(blocker / "results") in err[0] and "choose a writable --output" in err[0]
 
 
 def test_each_encoding_runs_with_its_own_calibrated_budget(model, tmp_path):

@@ -174,6 +174,6 @@ def test_summary_markdown():
     )
     assert lines[2] == "| anofpdm | 45.0 | 40.0 | 70.0 | 65.0 | 50.0 | 80.0 | 50.0 | 50.0 | 50.0 | 10.0 | 0.500 |"
     assert lines[3] == "| ddib † | 65.0 | 60.0 | – | 30.0 | 20.0 | – | – | – | – | 9.0 | 0.250 |"
-    assert lines[-1] == "† uses pixel labels: ddib's threshold is tuned on validation masks."  # only the methods shown
+    assert lines[-1] == "† uses pixel labels: ddib's depth, w and threshold are tuned on validation masks."  # only the methods shown
     with pytest.raises(KeyError):
         merge_auprc(rows, "missing", mixed=0.1, unhealthy=0.1)
