@@ -454,7 +454,9 @@ class EvaluationSettings:
     """What one evaluation run chooses besides the inference settings.
 
     Attributes:
-        methods: registered method names; None: every one the model folder can run (:func:`~anofpdm_monai.model.available_methods`);
+        methods: registered method names; None: every AnoFPDM method the model folder can run and the oracle threshold
+            (:func:`~anofpdm_monai.model.available_methods`; the reconstruction baselines, which tune on pixel labels
+            and cost many network calls per slice, run when named);
             ``("all",)``: every registered method, each one the folder cannot run skipped with one line saying why.
         split: the store split to evaluate (stores only).
         max_slices: evaluate a seeded subset of this many slices (stores only); None: every slice.
@@ -620,7 +622,9 @@ def evaluate_cohort(
     if evaluation.methods == ("all",):  # every registered method: those the folder cannot run are skipped with one line each
         requested = list(registry)
     else:
-        requested = list(available_methods(model.folder) if evaluation.methods is None else evaluation.methods)
+        # default: the label-free methods and the oracle threshold; the costly pixel-label baselines run when named (or all)
+        default = available_methods(model.folder, kinds=("anofpdm", "threshold"))
+        requested = list(default if evaluation.methods is None else evaluation.methods)
     unknown = [m for m in requested if m not in registry]
     if unknown:
         raise InputError(f"methods: unknown {unknown}; choose from {list(registry)}", arguments="methods")

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods", default=None,
         help=f"comma-separated methods of {', '.join(all_methods())}, or all (every one; those the model folder "
-        "cannot run are skipped with one line naming what they need) (default: every one the model folder can run)",
+        "cannot run are skipped with one line naming what they need) (default: every AnoFPDM method the model folder can run "
+        "and the oracle threshold; the reconstruction baselines run when named)",
     )  # fmt: skip
     parser.add_argument("--max-slices", type=int, default=None, help="evaluate a seeded subset of this many slices")
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: each calibration's)")
