@@ -37,6 +37,7 @@ from anofpdm_monai.io import (
     atomic_save_dataframe,
     atomic_write_json,
     check_case_id,
+    check_label_values,
     load_nifti,
 )
 from anofpdm_monai.metrics import volume_dice
@@ -85,7 +86,7 @@ class LesionCounts:
 # ---------------------------------------------------------------------------
 
 
-def read_mask(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_mask(path: str | Path, label: bool = False) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A mask NIfTI of any integer or float type, binarised.
 
     Args:
@@ -96,11 +97,14 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         (header and affine).
 
     Raises:
-        InputError: the file is missing, unreadable, not 3-D, or holds NaN or infinite voxels.
+        InputError: the file is missing, unreadable, not 3-D, or holds NaN or infinite voxels; with ``label``,
+            values that are negative or not whole numbers (a probability map).
     """
     with warnings.catch_warnings():  # an all-lesion mask is constant: fine for a mask, unlike an image
         warnings.simplefilter("ignore", InputWarning)
         data, image = load_nifti(path)
+    if label:  # a label holds whole non-negative numbers, as preprocess demands (a prediction may be any map)
+        check_label_values(path, data)
     return data > 0, image
 
 
@@ -220,7 +224,7 @@ def score_case(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray) -> dict[
 
 def score_pair(pair: MaskPair) -> dict:
     """Read, check and score one pair: a ``per_case.csv`` row (columns :data:`CASE_COLUMNS`)."""
-    truth, label_image = read_mask(pair.label)
+    truth, label_image = read_mask(pair.label, label=True)
     if pair.prediction is None:
         pred = np.zeros_like(truth)
     else:
@@ -296,6 +300,9 @@ def pair_masks(predictions: str | Path, labels: str | Path, missing_as_empty: bo
     pred_dir = Path(predictions)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: predictions folder not found; give the folder holding CASE.nii.gz masks")
+    if Path(labels).resolve() == pred_dir.resolve():
+        raise InputError(f"{pred_dir}: the predictions and the labels are the same folder, so every case would score "
+                         "100 against itself; give the folder of the ground-truth labels as the labels")  # fmt: skip
     preds = case_files(pred_dir, "prediction of case", skip_anomaly=True)
     truths = label_files(labels)
     orphans = sorted(set(preds) - set(truths))

@@ -24,6 +24,7 @@ from anofpdm_monai.evaluation import (
 from anofpdm_monai.inferers import VolumeInferer
 from anofpdm_monai.io import InputError, atomic_write_text
 from anofpdm_monai.logs import get_logger, log_to_file
+from anofpdm_monai.outputs import case_record, finished, lock_folder
 from anofpdm_monai.provenance import check_continuation, inference_settings, write_run_record
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE
 from pipelines.options import add_device_arguments, add_max_voxels_argument, record_of, cli_message
@@ -64,11 +65,6 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     methods = supported_methods(model_dir) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     results = Path(args.output)
-    try:
-        (results / "cases").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"{results}: cannot create the results folder ({err.strerror}); choose a writable -o") from err
-    log_to_file(results, "evaluate")
     log = get_logger()
     if world > 1 and args.device != "cpu":
         import torch
@@ -81,9 +77,17 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     cohort = Cohort(args.input, inferer, args.split)
     evaluator = CohortEvaluator(inferer, methods, results, ddib_depth=args.ddib_depth)
+    try:  # once the model and the input were checked: a refused run leaves no results folder behind
+        (results / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{results}: cannot create the results folder ({err.strerror}); choose a writable -o") from err
+    lock_folder(results, "evaluate", (part_id, num_parts))
+    log_to_file(results, "evaluate")
     record = record_of("evaluate", args, resolved_settings(args, evaluator, methods), inferer.model_dir)
     if args.resume and any((results / "cases").glob("*.npz")):
         check_continuation(results, record, CONTINUATION_KEYS)  # finished cases are reused only from the same run
+        for case_id in cohort.case_ids:  # and each only if it was made with these settings (cases/CASE.json)
+            finished(case_record_path(evaluator, case_id), record, CONTINUATION_KEYS, evaluator.case_file(case_id))
     if rank == 0:
         write_run_record(results, record)
     if "ddib" in methods:
@@ -94,13 +98,14 @@ def run(args: argparse.Namespace) -> int:
     mine = expected[part_id::num_parts]
     failed = 0
     for case_id in tqdm(mine, desc=f"evaluate {part_id + 1}/{num_parts}" if num_parts > 1 else "evaluate", unit="case"):
-        if args.resume and evaluator.case_file(case_id).is_file():
+        if args.resume and finished(case_record_path(evaluator, case_id), record, CONTINUATION_KEYS, evaluator.case_file(case_id)):
             continue
         try:
             case = select_slices(cohort.load(case_id), None if keep is None else keep[case_id])
             if len(case.slice_indices) == 0:
                 continue
-            evaluator.evaluate_case(case)
+            with case_record(case_record_path(evaluator, case_id), record):  # cases/CASE.json: the settings, written last
+                evaluator.evaluate_case(case)
         except (InputError, OSError) as err:
             failed += 1
             log.error(f"{case_id}: {cli_message(err, add_arguments)}")
@@ -134,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
 # Settings that change a case's file (cases/<id>.npz); --continue reuses files only when these and the model match.
 CONTINUATION_KEYS = ("input", "split", "methods", "max_slices", "seed", "steps", "stride", "precision", "calibrations",
                      "ddib_depth", "val_data")  # fmt: skip
+
+
+def case_record_path(evaluator: CohortEvaluator, case_id: str) -> Path:
+    """``RESULTS/cases/CASE.json``: the settings a finished case was made with (beside its ``CASE.npz``)."""
+    return evaluator.case_file(case_id).with_suffix(".json")
 
 
 def resolved_settings(args: argparse.Namespace, evaluator: CohortEvaluator, methods: list[str]) -> dict:

@@ -15,9 +15,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from anofpdm_monai.config import PreprocessConfig, check_register_to
-from anofpdm_monai.data import assign_splits, case_done, write_case, write_manifest, write_settings
+from anofpdm_monai.data import assign_splits, case_done, input_fingerprint, write_case, write_manifest, write_settings
 from anofpdm_monai.io import InputError, InputWarning, atomic_save_dataframe
 from anofpdm_monai.logs import get_logger, log_to_file
+from anofpdm_monai.outputs import check_store_outputs, lock_folder
 from anofpdm_monai.provenance import write_run_record
 from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, read_cases
 from anofpdm_monai.transforms import preprocess_with
@@ -64,9 +65,10 @@ def _process_case(store: Path, record: CaseRecord, config: PreprocessConfig) -> 
                 f"({', '.join(record.channels)}) but the cohort's cases have {len(config.channel_names)} "
                 f"({', '.join(config.channel_names)}); give every case the same channels"
             )
+        inputs = input_fingerprint([*record.channels.values(), record.label])  # before reading: a later change redoes it
         case = preprocess_with(config, list(record.channels.values()), record.label, LESION_LABELS.get(config.dataset))
         sources = {name: str(path) for name, path in record.channels.items()}
-        write_case(store, record.case_id, case, sources)
+        write_case(store, record.case_id, case, sources, inputs)
         return record.case_id, None
     except InputError as err:
         return record.case_id, cli_message(err, add_arguments)  # e.g. a volume above --max-voxels
@@ -95,15 +97,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.input}: invalid preprocessing settings: {err}; change that option") from err
     store = Path(args.output)
     _check_same_settings(store, config)
+    check_store_outputs(records, store, args.input)
     try:
         store.mkdir(parents=True, exist_ok=True)
+        lock_folder(store, "preprocess")
         write_settings(store, config, split, args.seed)
     except OSError as err:
         raise InputError(f"{store}: cannot write the store ({err.strerror}); choose a writable -o folder") from err
     log_to_file(store, "preprocess")
     resolved = {"input": Path(args.input).resolve(), "split": split, "preprocess": asdict(config), "cases_found": len(records)}
     write_run_record(store, record_of("preprocess", args, resolved))
-    todo = [r for r in records if not case_done(store, r.case_id)]
+    todo = [r for r in records if not case_done(store, r.case_id, input_fingerprint([*r.channels.values(), r.label]))]
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), desc="preprocess", unit="case")
     if args.workers > 1:
@@ -117,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             _report(*_process(store, record, config), skipped, bar)
     bar.close()
     atomic_save_dataframe(pd.DataFrame(skipped, columns=["case_id", "reason"]), store / "skipped.csv")
-    done = [r.case_id for r in records if case_done(store, r.case_id)]
+    done = [r.case_id for r in records if case_done(store, r.case_id, input_fingerprint([*r.channels.values(), r.label]))]
     if not done:
         raise InputError(f"{args.input}: no case could be preprocessed; see {store / 'skipped.csv'}")
     table = write_manifest(store, assign_splits(done, split, args.seed))
