@@ -230,9 +230,11 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 def csv_safe(df: Any) -> Any:
     """``df`` with every text cell that starts with :data:`FORMULA_STARTS` prefixed by ``'`` (numbers untouched)."""
+    from pandas.api.types import is_numeric_dtype
+
     escaped = df.copy()
     for column in escaped.columns:
-        if escaped[column].dtype == object:
+        if not is_numeric_dtype(escaped[column]):  # object or pandas' string dtype
             escaped[column] = escaped[column].map(
                 lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v)  # fmt: skip
     return escaped

@@ -188,9 +188,9 @@ def spoil_header(**fields) -> Callable:
                 header["pixdim"][1:4] = value
             else:
                 header[name] = value
-        raw = bytearray(header.binaryblock) + b"\0" * 4  # no extensions
+        header["vox_offset"] = 352  # the header, 4 bytes of (no) extensions, then the voxels
         data = np.asarray(image.dataobj).astype(header.get_data_dtype()).tobytes(order="F")
-        path.write_bytes(gzip.compress(bytes(raw) + b"\0" * (int(header["vox_offset"]) - len(raw)) + data))
+        path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + data))
         return path
 
     return spoil
