@@ -126,7 +126,7 @@ def segment_records(
     out = None if output_dir is None else Path(output_dir)
     made_with = None if out is None else case_settings_record(inferer, save_anomaly)
     if out is not None:
-        check_segment_outputs(records, out)
+        check_segment_outputs(records, out, argument="output_dir")
     done = finished_cases(inferer, records, out, save_anomaly) if skip_done and out is not None else set()
     todo = [r for r in records if r.case_id not in done]
     names = inferer.config.preprocess.channel_names

@@ -634,7 +634,7 @@ def evaluate_cohort(
     inferer = VolumeInferer(model, settings)
     cohort = Cohort(source, inferer, evaluation.split)
     if outputs_dir is not None and cohort.store is None:
-        check_segment_outputs(list(cohort.records.values()), outputs_dir)
+        check_segment_outputs(list(cohort.records.values()), outputs_dir, argument="outputs_dir")
     make_results_folder(results)  # once the model and the input were checked: a refused run leaves no folder behind
     lock_folder(results, "evaluate", (part_id, num_parts))
     log_to_file(results, "evaluate")

@@ -266,7 +266,7 @@ def load_weights(network: torch.nn.Module, state: object, path: Path, cfg: Netwo
     if bad:
         raise InputError(
             f"{path}: {len(bad)} of {len(state)} weight tensors hold NaN or infinite values (first: {bad[0]}), so every "
-            "output would be meaningless; the training that saved them diverged: retrain with a lower --lr, or use "
+            "output would be meaningless; the training that saved them diverged: retrain with a lower learning rate, or use "
             "weights saved before it diverged"
         )
     network.load_state_dict(state)

@@ -48,13 +48,15 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def check_outputs_spare_inputs(inputs: Iterable[str | Path], outputs: Iterable[str | Path], fix: str) -> None:
+def check_outputs_spare_inputs(inputs: Iterable[str | Path], outputs: Iterable[str | Path], fix: str,
+                               arguments: str | Sequence[str] = ()) -> None:
     """Refuse when an output path is one of the input files: the same path, a symbolic link to it or a hard link.
 
     Args:
         inputs: every file the run reads.
         outputs: every file the run may write (existing or not).
-        fix: the end of the message (e.g. ``choose an output folder (-o) apart from the inputs``).
+        fix: the end of the message (e.g. ``choose an output_dir apart from the input files``).
+        arguments: the arguments ``fix`` names (:class:`InputError`, the CLI spells them as its flags).
 
     Raises:
         InputError: ``OUT: would overwrite the input IN (HOW); FIX``, before anything is written.
@@ -74,23 +76,24 @@ def check_outputs_spare_inputs(inputs: Iterable[str | Path], outputs: Iterable[s
         if source is None and _identity(out) in by_inode:
             source, how = by_inode[_identity(out)], "a symbolic link to it" if out.is_symlink() else "a hard link to it"
         if source is not None:
-            raise InputError(f"{out}: this output would overwrite the input {source} ({how}); {fix}")
+            raise InputError(f"{out}: this output would overwrite the input {source} ({how}); {fix}", arguments=arguments)
 
 
-def check_segment_outputs(records: Sequence[Any], out_dir: str | Path, extra: Sequence[str] = ()) -> None:
+def check_segment_outputs(records: Sequence[Any], out_dir: str | Path, extra: Sequence[str] = (), argument: str = "output") -> None:
     """:func:`check_outputs_spare_inputs` for ``segment``: every case's outputs and ``extra`` names in ``out_dir``.
 
     Args:
         records: the cases (:class:`anofpdm_monai.readers.CaseRecord`: their channels, label and brain mask are inputs).
         out_dir: the output folder.
         extra: other files written into it (``run.json``, ``segment.log``).
+        argument: the caller's name for ``out_dir``, which the message names.
     """
     from anofpdm_monai.readers import record_files
 
     inputs = [p for r in records for p in record_files(r)]
     outputs = [p for r in records for p in segment_outputs(out_dir, r.case_id).values()]
     check_outputs_spare_inputs(inputs, [*outputs, *(Path(out_dir) / name for name in extra)],
-                               "choose an output folder (-o) apart from the input files")  # fmt: skip
+                               f"choose an {argument} folder apart from the input files", argument)  # fmt: skip
 
 
 def check_store_outputs(records: Sequence[Any], store: str | Path, source: str | Path) -> None:
@@ -102,7 +105,7 @@ def check_store_outputs(records: Sequence[Any], store: str | Path, source: str |
     names = ["settings.json", "manifest.csv", "skipped.csv", "run.json", "preprocess.log"]
     outputs = [store / n for n in names] + [store / d / f"{r.case_id}{ext}" for r in records
                                            for d, ext in (("images", ".npy"), ("masks", ".npy"), ("cases", ".json"))]  # fmt: skip
-    check_outputs_spare_inputs(inputs, outputs, "choose a store folder (-o) apart from the input files")
+    check_outputs_spare_inputs(inputs, outputs, "choose a store folder apart from the input files", "store")
 
 
 # --- per-case settings records -------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def finished(record_path: str | Path, record: Mapping[str, Any], keys: Sequence[
         InputError: the case was finished with another model or other settings: one line naming the record,
             the first setting that differs (old -> new) and the fix.
     """
-    from anofpdm_monai.provenance import _shown, differences, read_run_record
+    from anofpdm_monai.provenance import shown_value, differences, read_run_record
 
     record_path = Path(record_path)
     if not all(Path(p).is_file() for p in outputs) or not record_path.is_file():
@@ -139,7 +142,7 @@ def finished(record_path: str | Path, record: Mapping[str, Any], keys: Sequence[
     if changed:
         key, old, new = changed[0]
         raise InputError(
-            f"{record_path}: this case was made with {key} {_shown(old)}, this run has {_shown(new)}; a folder must not "
+            f"{record_path}: this case was made with {key} {shown_value(old)}, this run has {shown_value(new)}; a folder must not "
             "mix outputs of other settings: choose a new output folder, or run without resume to redo every case",
             arguments="resume",
         )
