@@ -69,7 +69,7 @@ def test_model_with_nan_weights_is_refused(model_copy, tmp_path):
     out = tmp_path / "out"
     code, _, err = V.run_cli(["segment", "-m", str(model_copy), "-i", str(tmp_path / "raw"), "-o", str(out), "--device", "cpu"])
     assert code == 2 and len(V.lines(err)) == 1, err
-    assert "NaN or infinite values" in err and name in err and "--lr" in err, err
+    assert "NaN or infinite values" in err and name in err and "lower learning rate" in err, err
     assert not out.exists()
 
 
