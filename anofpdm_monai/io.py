@@ -422,10 +422,11 @@ def check_case_voxels(paths: list[str | Path]) -> None:
             continue
         check_extensions(path)
         try:
-            shape = tuple(int(n) for n in nib.load(str(path)).shape)
+            image = nib.load(str(path))
         except Exception:  # noqa: BLE001 - load_nifti reports it with its own message
             continue
-        total += math.prod(shape)
+        check_header(path, image)  # one file above the limit: its own message, naming its shape
+        total += math.prod(int(n) for n in image.shape)
         counted.append(path)
     if total > limit:
         raise InputError(
