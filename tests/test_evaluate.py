@@ -428,7 +428,7 @@ def test_results_folder_that_cannot_be_written(model, brats_store, tmp_path, cap
     assert evaluate("-m", model, "-i", brats_store, "-o", blocker / "results", *CHEAP) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert str(blocker / "results") in err[0] and "choose a writable -o" in err[0]
+    assert str(blocker / "results") in err[0] and "choose a writable --output" in err[0]
 
 
 def test_each_encoding_runs_with_its_own_calibrated_budget(model, tmp_path):
