@@ -30,6 +30,8 @@ from anofpdm_monai.distributed import resolve_parts, shard
 from anofpdm_monai.inferers import VolumeInferer, VolumeResult
 from anofpdm_monai.io import InputError, image_like
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings
+from anofpdm_monai.outputs import SEGMENT_SETTINGS, check_segment_outputs, finished, segment_outputs, settings_record
+from anofpdm_monai.provenance import inference_settings
 from anofpdm_monai.readers import CaseRecord, brain_mask_file, records_for_inference
 from anofpdm_monai.threads import available_cpus
 from anofpdm_monai.transforms import PreprocessedCase
@@ -110,7 +112,8 @@ def segment_records(
         output_dir: where ``CASE.nii.gz`` (and the map, PNG) go; None writes nothing.
         save_png: also write ``CASE.png`` overlays.
         save_anomaly: ``none``, ``masked`` (zero outside the brain) or ``full``.
-        skip_done: skip cases whose mask exists in ``output_dir`` (``--continue``).
+        skip_done: skip cases finished in ``output_dir`` (``--continue``): mask and settings record ``CASE.json``
+            there; a case finished with other settings is refused (InputError) before anything is written.
         keep_results: keep each case's :class:`VolumeResult` on its outcome (the cohort verb drops them).
         progress: a progress bar over each case's slices.
         overlap: load the next case and write the last one in threads while the network runs; None
@@ -121,7 +124,11 @@ def segment_records(
     if overlap is None:
         overlap = inferer.device.type == "cuda" or available_cpus() > torch.get_num_threads()
     out = None if output_dir is None else Path(output_dir)
-    todo = [r for r in records if not (skip_done and out is not None and (out / f"{r.case_id}.nii.gz").is_file())]
+    made_with = None if out is None else case_settings_record(inferer, save_anomaly)
+    if out is not None:
+        check_segment_outputs(records, out, argument="output_dir")
+    done = finished_cases(inferer, records, out, save_anomaly) if skip_done and out is not None else set()
+    todo = [r for r in records if r.case_id not in done]
     names = inferer.config.preprocess.channel_names
 
     def load(record: CaseRecord) -> PreprocessedCase:
@@ -130,7 +137,7 @@ def segment_records(
     def write(result: VolumeResult, case_id: str) -> list[Path]:
         assert out is not None
         try:
-            return inferer.write(result, out, case_id, save_png=save_png, save_anomaly=save_anomaly)
+            return inferer.write(result, out, case_id, save_png=save_png, save_anomaly=save_anomaly, record=made_with)
         except InputError:
             raise
         except OSError as err:
@@ -177,6 +184,24 @@ def segment_records(
             yield outcome
         if writing is not None:
             yield finish(*writing)
+
+
+def finished_cases(inferer: VolumeInferer, records: Sequence[CaseRecord], output_dir: str | Path, save_anomaly: str) -> set[str]:
+    """The cases of ``records`` finished in ``output_dir`` with this inferer's settings (``--continue`` skips them).
+
+    Raises:
+        InputError: a case there was finished with another model or other settings (the line names the setting).
+    """
+    made_with = case_settings_record(inferer, save_anomaly)
+    paths = {r.case_id: segment_outputs(output_dir, r.case_id) for r in records}
+    return {case for case, p in paths.items() if finished(p["record"], made_with, SEGMENT_SETTINGS, p["mask"])}
+
+
+def case_settings_record(inferer: VolumeInferer, save_anomaly: str) -> dict[str, Any]:
+    """What ``CASE.json`` records beside a segmented case: the settings that change its files, and the weights' sha256."""
+    resolved = {**inferer.settings.to_dict(), **inference_settings(inferer.slice_inferer), "save_anomaly": save_anomaly,
+                "brain_mask": inferer.preprocess_config.brain_mask}  # fmt: skip
+    return settings_record({key: resolved[key] for key in SEGMENT_SETTINGS}, inferer.model.sha256)
 
 
 class InlineExecutor(Executor):

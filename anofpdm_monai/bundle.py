@@ -361,6 +361,14 @@ Settings override from the command line: `--method` (one of {", ".join(methods)}
 `--save_anomaly`, `--progress`. `models/` is also a model folder: `anofpdm segment -m BUNDLE/models -i CASES -o OUT`
 writes the same files.
 
+## Security: the configs are code
+
+`configs/inference.json` is a program, not data: MONAI's config parser imports every `_target_` it names
+and evaluates every string that starts with `$` as Python (MONAI's design, as its own bundles' READMEs
+say). Run a bundle only from a source you trust, and read `configs/*.json` of one you received before
+you run it. `anofpdm segment -m BUNDLE/models` runs no code from the configs: it reads `models/config.json`
+as checked settings and `models/model.pt` with `torch.load(weights_only=True)`.
+
 ## Training data
 
 {data_source}.

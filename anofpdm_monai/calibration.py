@@ -412,6 +412,7 @@ def calibrate(
         mse_u.append(result.mse_u.cpu())
         divergence.append(result.divergence.cpu())
     mse_h, mse_u, divergence = (torch.cat(curves, dim=1) for curves in (mse_h, mse_u, divergence))
+    _check_finite_statistics(mse_h, mse_u, divergence)
 
     healthy, unhealthy = labels == HEALTHY, labels == UNHEALTHY
     per_budget = []
@@ -450,6 +451,23 @@ def calibrate(
     timesteps = visited_timesteps(budgets[-1], stride)
     curves = [_divergence_curve(i, int(labels[i]), timesteps, divergence[g, i], k) for i in _curve_indices(labels)]
     return calibration, curves
+
+
+def _check_finite_statistics(mse_h: torch.Tensor, mse_u: torch.Tensor, divergence: torch.Tensor) -> None:
+    """Refuse a calibration whose errors or divergences (each (G, V, K, M)) are NaN or infinite.
+
+    They come from the network's noise predictions, so a non-finite value means a broken model (NaN or
+    overflowing weights), and thr_01 and D computed from them would be meaningless (thr_01 null).
+    """
+    for name, values in (("healthy-condition errors", mse_h), ("unhealthy-condition errors", mse_u), ("divergences", divergence)):
+        bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            slices = int(bad.flatten(2).any(dim=2).any(dim=0).sum())
+            raise ValueError(
+                f"calibration: the {name} of {slices} of {values.shape[1]} validation slices are NaN or infinite: the "
+                "network's noise predictions are not finite (diverged or overflowing weights); retrain the model with "
+                "a lower learning rate before calibrating"
+            )
 
 
 def _positive_divergence(d: torch.Tensor) -> torch.Tensor:

@@ -27,14 +27,15 @@ import torch
 
 from anofpdm_monai.calibration import Calibration, DivergenceCurve, calibrate
 from anofpdm_monai.config import PreprocessConfig, check_register_to
-from anofpdm_monai.data import PreprocessedStore, assign_splits, case_done, write_case, write_manifest, write_settings
+from anofpdm_monai.data import PreprocessedStore, assign_splits, case_done, input_fingerprint, write_case, write_manifest, write_settings
 from anofpdm_monai.inferers import ForwardProcessInferer
 from anofpdm_monai.io import InputError, InputWarning, atomic_save_dataframe
 from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.methods import SectionContext, calibration_sections
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, calibration_path
+from anofpdm_monai.outputs import check_store_outputs, lock_folder
 from anofpdm_monai.provenance import run_record, write_run_record
-from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, brain_mask_file, read_cases
+from anofpdm_monai.readers import DEFAULT_MAP_CHANNELS, LESION_LABELS, CaseRecord, brain_mask_file, read_cases, record_files
 from anofpdm_monai.transforms import preprocess_with
 
 
@@ -190,9 +191,10 @@ def process_case(store: Path, record: CaseRecord, config: PreprocessConfig) -> t
                     f"({', '.join(record.channels)}) but the cohort's cases have {len(config.channel_names)} "
                     f"({', '.join(config.channel_names)}); give every case the same channels"
                 )
+            inputs = input_fingerprint(record_files(record))  # before reading: a later change redoes the case
             case = preprocess_with(config, list(record.channels.values()), record.label, LESION_LABELS.get(config.dataset),
                                    brain_mask_file(record))  # fmt: skip
-            write_case(store, record.case_id, case, {name: str(path) for name, path in record.channels.items()})
+            write_case(store, record.case_id, case, {name: str(path) for name, path in record.channels.items()}, inputs)
             error = None
         except InputError as err:  # e.g. a volume above max_voxels
             error = (str(err), err.arguments)
@@ -208,10 +210,12 @@ def preprocess_cohort(
     on_skip: Callable[[str, InputError], None] | None = None,
     progress: bool = True,
 ) -> PreprocessOutcome:
-    """Preprocess a raw cohort into a store (``anofpdm preprocess``), resumable: finished cases are kept.
+    """Preprocess a raw cohort into a store (``anofpdm preprocess``), resumable: finished cases are kept
+    (a case whose input files changed since, by path, size or modification time, is redone).
 
     A case that fails is skipped (``on_skip``, default: logged) and listed in ``STORE/skipped.csv``; the
-    others go on. A store made with other settings is refused.
+    others go on. A store made with other settings is refused, and so is one whose files would land on an
+    input file; one process writes a store at a time (``STORE/anofpdm.lock``).
 
     Raises:
         InputError: invalid settings, the store cannot be written or was made with other settings, or no
@@ -235,15 +239,17 @@ def preprocess_cohort(
         raise InputError(f"{source}: invalid preprocessing settings: {err}; change that option", arguments="register_to") from err
     store = Path(store)
     check_same_settings(store, config)
+    check_store_outputs(records, store, source)
     try:
         store.mkdir(parents=True, exist_ok=True)
+        lock_folder(store, "preprocess")
         write_settings(store, config, settings.split, settings.seed)
     except OSError as err:
         raise InputError(f"{store}: cannot write the store ({err.strerror}); choose a writable store folder", arguments="store") from err
     log_to_file(store, "preprocess")
     resolved = {"input": Path(source).resolve(), "split": settings.split, "preprocess": asdict(config), "cases_found": len(records)}
     write_run_record(store, record(resolved) if record is not None else run_record("preprocess", None, resolved))
-    todo = [r for r in records if not case_done(store, r.case_id)]
+    todo = [r for r in records if not is_done(store, r)]
     skipped: list[tuple[str, InputError]] = []
     report = on_skip or (lambda case_id, err: log.warning(f"skipped {case_id}: {err}", extra={"bare": True}))
     bar = tqdm(total=len(todo), desc="preprocess", unit="case", disable=not progress)
@@ -272,7 +278,7 @@ def preprocess_cohort(
 def finish_store(source, store: Path, records: list[CaseRecord], skipped: list[tuple[str, InputError]], settings: PreprocessSettings) -> PreprocessOutcome:
     """Write ``skipped.csv`` and the manifest of every finished case (the split assigned by patient)."""
     atomic_save_dataframe(pd.DataFrame([(c, str(e)) for c, e in skipped], columns=["case_id", "reason"]), store / "skipped.csv")
-    done = [r.case_id for r in records if case_done(store, r.case_id)]
+    done = [r.case_id for r in records if is_done(store, r)]
     if not done:
         raise InputError(f"{source}: no case could be preprocessed; see {store / 'skipped.csv'}")
     table = write_manifest(store, assign_splits(done, settings.split, settings.seed))
@@ -281,6 +287,11 @@ def finish_store(source, store: Path, records: list[CaseRecord], skipped: list[t
         f"store {store}: {len(done)} patients ({counts}), {len(table)} slices, {int(table['label'].sum())} with lesion; {len(skipped)} skipped"
     )
     return PreprocessOutcome(store, done, skipped, table)
+
+
+def is_done(store: Path, record: CaseRecord) -> bool:
+    """Whether ``record`` is finished in ``store`` from its input files as they are now (path, size, mtime)."""
+    return case_done(store, record.case_id, input_fingerprint(record_files(record)))
 
 
 def check_same_settings(store: Path, config: PreprocessConfig) -> None:

@@ -16,6 +16,8 @@ complete patients behind, and a rerun does the rest.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,14 +42,38 @@ SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["patient", "slice", "split", "label", "lesion_pixels"]
 
 
-def case_done(store: Path, patient: str) -> bool:
-    """Whether ``patient`` was completely written to ``store``."""
+def case_done(store: Path, patient: str, inputs: dict[str, list[int]] | None = None) -> bool:
+    """Whether ``patient`` was completely written to ``store`` (from the input files ``inputs``, when given).
+
+    Args:
+        inputs: :func:`input_fingerprint` of the case's files now; a case made from other files, or from
+            files changed since (size or modification time), is not done.
+    """
     check_case_id(patient, store)
-    return (store / "cases" / f"{patient}.json").is_file()
+    path = store / "cases" / f"{patient}.json"
+    if not path.is_file():
+        return False
+    if inputs is None:
+        return True
+    try:
+        return json.loads(path.read_text()).get("inputs") == inputs
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
-def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[str, str]) -> None:
-    """Write one preprocessed case; the JSON written last marks it complete."""
+def input_fingerprint(paths: Sequence[str | Path | None]) -> dict[str, list[int]]:
+    """``{absolute path: [bytes, modification time in ns]}`` of a case's input files (missing ones left out)."""
+    found = {}
+    for path in paths:
+        if path is not None and Path(path).is_file():
+            st = os.stat(path)
+            found[os.path.abspath(path)] = [int(st.st_size), int(st.st_mtime_ns)]
+    return found
+
+
+def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[str, str],
+               inputs: dict[str, list[int]] | None = None) -> None:
+    """Write one preprocessed case; the JSON written last marks it complete (``inputs``: :func:`input_fingerprint`)."""
     check_case_id(patient, store)
     images = case.images.numpy().astype(np.float16)
     masks = (case.masks if case.masks is not None else torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool))
@@ -59,6 +85,7 @@ def write_case(store: Path, patient: str, case: PreprocessedCase, sources: dict[
         "sources": sources,
         "slice_voxel_mm": list(case.geometry.slice_voxel_mm),
         "crop_box": None if case.geometry.crop_box is None else [list(a) for a in case.geometry.crop_box],
+        "inputs": inputs,
     }
     atomic_write_text(store / "cases" / f"{patient}.json", json_text(meta, indent=None))
 

@@ -98,7 +98,8 @@ def resolve_parts(num_parts: int = 1, part_id: int = 0, rank: ProcessRank | None
     if rank.distributed:
         return rank.world_size, rank.rank
     if num_parts < 1:
-        raise InputError(f"num_parts={num_parts} must be at least 1", arguments="num_parts")
+        raise InputError(f"num_parts={num_parts} must be at least 1, with part_id in [0, num_parts) picking this process's part",
+                         arguments=("num_parts", "part_id"))  # fmt: skip
     if not 0 <= part_id < num_parts:
         raise InputError(f"part_id={part_id} must lie in [0, num_parts={num_parts})", arguments=("part_id", "num_parts"))
     return num_parts, part_id

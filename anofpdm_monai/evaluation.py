@@ -33,7 +33,7 @@ from anofpdm_monai.io import (
     check_case_id,
     json_text,
 )
-from anofpdm_monai.logs import get_logger
+from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.methods import (
     AnoFPDMMethod,
     ComponentMissing,
@@ -54,6 +54,7 @@ from anofpdm_monai.metrics import (
 )
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
+from anofpdm_monai.outputs import case_record, check_segment_outputs, finished, lock_folder
 from anofpdm_monai.provenance import check_continuation, inference_settings, run_record, write_run_record
 from anofpdm_monai.readers import LESION_LABELS, brain_mask_file, detect_layout, read_cases
 from anofpdm_monai.scoring import read_mask
@@ -191,6 +192,10 @@ class CohortEvaluator:
 
     def case_file(self, case_id: str) -> Path:
         return self.results_dir / "cases" / f"{check_case_id(case_id, self.results_dir)}.npz"
+
+    def case_record_file(self, case_id: str) -> Path:
+        """``RESULTS/cases/CASE.json``: the settings a finished case was made with (beside its ``CASE.npz``, written last)."""
+        return self.case_file(case_id).with_suffix(".json")
 
     def reconstruction_arrays(self, name: str, case: EvalCase) -> tuple[dict[str, np.ndarray], dict]:
         """A reconstruction method's arrays of one case: maps and masks of the unhealthy setup, the mixed setup's
@@ -591,7 +596,9 @@ def evaluate_cohort(
     methods that cannot run are skipped with one line each (a missing component, no validation data to
     tune on); reconstruction methods are tuned first (:func:`tune_methods`); a case that fails is
     reported to ``on_error`` and the others go on; with ``evaluation.resume`` finished cases are kept
-    (only from a run with the same model and settings); under ``torchrun`` each rank evaluates its part,
+    (only from a run with the same model and settings, each case's recorded in ``cases/CASE.json``); the
+    results folder is made once the model and the input were checked, and one run writes it at a time
+    (``RESULTS/anofpdm.lock``; the parts of a sharded run together); under ``torchrun`` each rank evaluates its part,
     and rank 0 merges once every rank is done.
 
     Args:
@@ -606,8 +613,9 @@ def evaluate_cohort(
         progress: a progress bar over the cases.
 
     Raises:
-        InputError: the results folder cannot be written, a method is unknown, the settings do not fit the
-            results folder's earlier run (resume), or no case could be evaluated.
+        InputError: the results folder cannot be written or another run holds it, a method is unknown, the
+            settings do not fit the results folder's earlier run or one of its cases (resume), ``outputs_dir``
+            would overwrite an input, or no case could be evaluated.
     """
     from tqdm.auto import tqdm
 
@@ -617,7 +625,6 @@ def evaluate_cohort(
     log = get_logger()
     rank = process_rank()
     num_parts, part_id = resolve_parts(evaluation.num_parts, evaluation.part_id, rank)
-    make_results_folder(results)
     registry = all_methods()
     if evaluation.methods == ("all",):  # every registered method: those the folder cannot run are skipped with one line each
         requested = list(registry)
@@ -630,6 +637,11 @@ def evaluate_cohort(
         raise InputError(f"methods: unknown {unknown}; choose from {list(registry)}", arguments="methods")
     inferer = VolumeInferer(model, settings)
     cohort = Cohort(source, inferer, evaluation.split)
+    if outputs_dir is not None and cohort.store is None:
+        check_segment_outputs(list(cohort.records.values()), outputs_dir, argument="outputs_dir")
+    make_results_folder(results)  # once the model and the input were checked: a refused run leaves no folder behind
+    lock_folder(results, "evaluate", (part_id, num_parts))
+    log_to_file(results, "evaluate")
     contexts, skipped = {}, {}
     for name in requested:
         method = registry[name]
@@ -649,6 +661,8 @@ def evaluate_cohort(
     run = record(resolved) if record is not None else run_record("evaluate", None, resolved, model.folder)
     if evaluation.resume and any((results / "cases").glob("*.npz")):
         check_continuation(results, run, CONTINUATION_KEYS)  # finished cases are reused only from the same run
+        for case_id in cohort.case_ids:  # and each only if it was made with these settings (cases/CASE.json)
+            finished(evaluator.case_record_file(case_id), run, CONTINUATION_KEYS, evaluator.case_file(case_id))
     if rank.is_main:
         write_run_record(results, run)
     keep = slice_subset(cohort, evaluation.max_slices, settings.seed)
@@ -659,13 +673,14 @@ def evaluate_cohort(
     mine = shard(expected, num_parts, part_id)
     desc = f"evaluate {part_id + 1}/{num_parts}" if num_parts > 1 else "evaluate"
     for case_id in tqdm(mine, desc=desc, unit="case", disable=not progress):
-        if evaluation.resume and evaluator.case_file(case_id).is_file():
+        if evaluation.resume and finished(evaluator.case_record_file(case_id), run, CONTINUATION_KEYS, evaluator.case_file(case_id)):
             continue
         try:
             case = select_slices(cohort.load(case_id), None if keep is None else keep[case_id])
             if len(case.slice_indices) == 0:
                 continue
-            evaluator.evaluate_case(case)
+            with case_record(evaluator.case_record_file(case_id), run):  # cases/CASE.json: the settings, written last
+                evaluator.evaluate_case(case)
         except (InputError, OSError) as err:
             outcome.failed[case_id] = err
             report_error(case_id, err)

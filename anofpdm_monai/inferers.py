@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from anofpdm_monai.config import PreprocessConfig
 from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
 from anofpdm_monai.io import InputError, check_case_id, save_like
 from anofpdm_monai.methods import Decision, get_decision
+from anofpdm_monai.outputs import case_record, segment_outputs
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings, calibration_path
 from anofpdm_monai.segmentation import SegmentationResult, VolumeInputs
 from anofpdm_monai.transforms import PreprocessedCase, preprocess_with, slices_to_volume
@@ -44,6 +45,19 @@ def decision_section(calibration: Calibration, decision: Decision, source: str |
             f"{decision.section.missing}"
         )
     return section
+
+
+def check_budget(steps: int, stride: int, timesteps: int, chosen: bool = True) -> None:
+    """Refuse a step budget N beyond the model's T training timesteps, and (when ``chosen`` by the user) a stride k
+    that leaves fewer than two visited steps, where the forward process has nothing to compare (one line each)."""
+    if not 1 <= steps <= timesteps:
+        raise InputError(f"steps={steps}: the model was trained with {timesteps} diffusion timesteps, so the step budget "
+                         f"lies in [1, {timesteps}]", arguments="steps")  # fmt: skip
+    if chosen and len(range(0, steps, stride)) < 2:
+        raise InputError(
+            f"stride={stride} with steps={steps} visits only t = 0 (the visited steps are 0, k, 2k, ... below N); "
+            "give a stride below half the steps", arguments=("stride", "steps"),
+        )
 
 
 def slice_seeds(seed: int, case_id: str, slice_indices: Sequence[int]) -> list[int]:
@@ -109,6 +123,7 @@ class ForwardProcessInferer(Inferer):
         self.encoding = encoding or calibration.encoding
         self.steps = steps or calibration.steps
         self.stride = stride or calibration.stride
+        check_budget(self.steps, self.stride, int(alphas_cumprod.shape[0]), chosen=steps is not None or stride is not None)
         if (self.steps, self.stride, self.encoding) != (calibration.steps, calibration.stride, calibration.encoding):
             warnings.warn(
                 f"inference uses N={self.steps}, k={self.stride}, {self.encoding} but the calibration was made with "
@@ -346,8 +361,10 @@ class VolumeInferer(Inferer):
         return VolumeResult(case, slices, mask, anomaly, seconds)
 
     @staticmethod
-    def write(result: VolumeResult, out_dir: str | Path, case_id: str, save_png: bool = False, save_anomaly: str = "masked") -> list[Path]:
-        """Write ``CASE.nii.gz`` (uint8 mask) and, unless ``save_anomaly="none"``, ``CASE_anomaly.nii.gz`` on the input grid."""
+    def write(result: VolumeResult, out_dir: str | Path, case_id: str, save_png: bool = False, save_anomaly: str = "masked",
+              record: Mapping | None = None) -> list[Path]:
+        """Write ``CASE.nii.gz`` (uint8 mask) and, unless ``save_anomaly="none"``, ``CASE_anomaly.nii.gz`` on the input grid
+        (and ``record`` as ``CASE.json``, last: see :func:`write_segmentation`)."""
         png = None
         if save_png:
             from anofpdm_monai.visualize import save_overlay
@@ -355,7 +372,8 @@ class VolumeInferer(Inferer):
             def png(path: Path) -> Path:
                 return save_overlay(result.case.images, result.slices.maps, result.slices.masks, path,
                                     slice_indices=list(result.case.geometry.slice_indices))  # fmt: skip
-        return write_segmentation(out_dir, case_id, result.case.geometry.reference, result.mask, result.anomaly_to_save(save_anomaly), png)
+        return write_segmentation(out_dir, case_id, result.case.geometry.reference, result.mask, result.anomaly_to_save(save_anomaly), png,
+                                  record)
 
 
 def settings_with(settings: InferenceSettings | None, overrides: dict) -> InferenceSettings:
@@ -374,34 +392,39 @@ def write_segmentation(
     mask: np.ndarray,
     anomaly: np.ndarray | None,
     png: Callable[[Path], Path] | None = None,
+    record: Mapping | None = None,
 ) -> list[Path]:
     """Write one case's outputs on the grid of ``reference``, each atomically; a failure leaves none behind.
 
     Args:
         out_dir: output folder.
-        case_id: names the files ``CASE.nii.gz`` (mask), ``CASE_anomaly.nii.gz`` (map), ``CASE.png``.
+        case_id: names the files ``CASE.nii.gz`` (mask), ``CASE_anomaly.nii.gz`` (map), ``CASE.png``, ``CASE.json``.
         reference: a NIfTI file of the input whose header (affine, qform/sform) the outputs copy.
         mask: (X, Y, Z) 0/1 mask, written as uint8.
         anomaly: (X, Y, Z) map written as float32, or None to write no map.
         png: writes the overlay PNG at the path it is given (None: no PNG).
+        record: the case's settings record (:func:`anofpdm_monai.outputs.settings_record`), written as
+            ``CASE.json`` after the other files; None writes none.
 
-    The mask is written last: its presence marks the case as finished (``segment --continue``).
+    The mask is written after the map, and the settings record last: with a record, its presence marks the
+    case as finished (``segment --continue``).
     """
     check_case_id(case_id, out_dir)
-    out_dir = Path(out_dir)
+    paths = segment_outputs(out_dir, case_id)
     header_source = nib.load(str(reference))
     written: list[Path] = []
     try:
-        if anomaly is not None:
-            written.append(save_like(anomaly, header_source, out_dir / f"{case_id}_anomaly.nii.gz", np.float32))
-        if png is not None:
-            written.append(png(out_dir / f"{case_id}.png"))
-        written.append(save_like(mask, header_source, out_dir / f"{case_id}.nii.gz", np.uint8))
+        with case_record(paths["record"], record):
+            if anomaly is not None:
+                written.append(save_like(anomaly, header_source, paths["anomaly"], np.float32))
+            if png is not None:
+                written.append(png(paths["png"]))
+            written.append(save_like(mask, header_source, paths["mask"], np.uint8))
     except BaseException:
         for path in written:  # a failed case leaves no partial outputs behind
             path.unlink(missing_ok=True)
         raise
-    return written
+    return written if record is None else [*written, paths["record"]]
 
 
 def remove_small_3d_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -6,17 +6,19 @@ so a killed process never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,15 @@ class InputWarning(UserWarning):
 DEFAULT_MAX_VOXELS = 2**29
 MAX_VOXELS_ENV = "ANOFPDM_MAX_VOXELS"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Voxel sizes anofpdm accepts, in mm once the header's spatial unit (xyzt_units) is applied: a 0.001 mm voxel turns
+# the 5 mm crop margin into 5,000 voxels per side (gigabytes for a 5 KB file); 100 mm is no image of a brain.
+VOXEL_MM_RANGE = (0.01, 100.0)
+# Header extensions nibabel reads into memory before check_header runs: at most this many bytes, this many of them.
+MAX_EXTENSION_BYTES = 16 * 2**20
+MAX_EXTENSIONS = 256
+# The files nib.load reads besides NIfTI: their outputs are written as NIfTI (.nii.gz) on the same grid.
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".hdr.gz", ".img.gz", ".hdr", ".img")
+UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
 
 
 def max_voxels() -> int:
@@ -107,6 +118,7 @@ def missing_file_reason(path: Path) -> str:
 # a file name once a suffix such as "_anomaly.nii.gz" is added.
 SAFE_CASE_ID = re.compile(r"[A-Za-z0-9._-]+")
 MAX_CASE_ID_LENGTH = 200
+RESERVED_CASE_SUFFIX = "_anomaly"  # CASE_anomaly.nii.gz is case CASE's map: no case id may end with it
 
 
 def case_id_problem(case_id: object) -> str | None:
@@ -121,6 +133,11 @@ def case_id_problem(case_id: object) -> str | None:
         return "is a relative path component"
     if case_id.startswith("."):
         return "starts with '.' (hidden names are anofpdm's temporary files)"
+    if case_id.startswith("-"):
+        return "starts with '-' (it would read as a command-line flag, and as a formula in a spreadsheet)"
+    if case_id.endswith(RESERVED_CASE_SUFFIX):
+        return (f"ends with {RESERVED_CASE_SUFFIX!r} (reserved: CASE{RESERVED_CASE_SUFFIX}.nii.gz is the anomaly map of "
+                "case CASE, so this case's mask would overwrite another case's map)")
     if not SAFE_CASE_ID.fullmatch(case_id):
         odd = sorted({c for c in case_id if not SAFE_CASE_ID.fullmatch(c)})
         return f"contains characters other than letters, digits, '.', '_' and '-' ({''.join(odd)!r})"
@@ -139,7 +156,7 @@ def check_case_id(case_id: str, source: str | Path, fix: str = "rename it") -> s
     if problem is not None:
         raise InputError(
             f"{source}: case id {case_id!r} {problem}; case ids name output files, so they hold only letters, digits, "
-            f"'.', '_' and '-' and do not start with '.'; {fix}"
+            f"'.', '_' and '-', do not start with '.' or '-' and do not end with {RESERVED_CASE_SUFFIX!r}; {fix}"
         )
     return case_id
 
@@ -233,9 +250,27 @@ def atomic_write_json(path: str | Path, value: Any, indent: int | None = 2) -> P
     return atomic_write_text(path, json_text(value, indent))
 
 
+# A CSV cell starting with one of these is a formula to spreadsheet programs (CSV injection): it is written with a
+# leading apostrophe, which they show as text. Numbers are never escaped (a negative number stays a number).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(df: Any) -> Any:
+    """``df`` with every text cell that starts with :data:`FORMULA_STARTS` prefixed by ``'`` (numbers untouched)."""
+    from pandas.api.types import is_numeric_dtype
+
+    escaped = df.copy()
+    for column in escaped.columns:
+        if not is_numeric_dtype(escaped[column]):  # object or pandas' string dtype
+            escaped[column] = escaped[column].map(
+                lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v)  # fmt: skip
+    return escaped
+
+
 def atomic_save_dataframe(df: Any, path: str | Path) -> Path:
-    """Write a pandas DataFrame as CSV atomically."""
-    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    """Write a pandas DataFrame as CSV atomically, text cells escaped against spreadsheet formulas (:func:`csv_safe`)."""
+    safe = csv_safe(df)
+    return atomic_write(path, lambda tmp: safe.to_csv(tmp, index=False))
 
 
 def atomic_save_npy(array: np.ndarray, path: str | Path) -> Path:
@@ -285,13 +320,19 @@ def load_nifti(path: str | Path, *, allow_4d_singleton: bool = True) -> tuple[np
         raise InputError(f"{path}: {missing_file_reason(path)}")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes); re-export or re-download this volume")
+    check_extensions(path)
     try:
-        image = nib.load(str(path))  # reads the header only
+        with nibabel_messages(path):
+            image = nib.load(str(path))  # reads the header only
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
         raise InputError(f"{path}: unreadable or truncated ({err}); re-export or re-download this volume") from err
     except Exception as err:  # nibabel's ImageFileError and friends
+        if "slope" in str(err) or "intercept" in str(err):  # nibabel refuses a non-finite scl_inter as it loads
+            raise InputError(f"{path}: the header's intensity scaling is not finite ({err}); set scl_slope to 1 and "
+                             "scl_inter to 0 (or re-export the volume)") from err  # fmt: skip
         raise InputError(f"{path}: not a NIfTI image ({err}); give a .nii or .nii.gz volume") from err
     check_header(path, image)
+    check_geometry(path, image)
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32's range: reported below
             data = np.asarray(image.dataobj, dtype=np.float32)
@@ -303,7 +344,7 @@ def load_nifti(path: str | Path, *, allow_4d_singleton: bool = True) -> tuple[np
         raise InputError(f"{path}: unreadable or truncated ({err}); re-export or re-download this volume") from err
     except Exception as err:  # nibabel's ImageFileError and friends
         raise InputError(f"{path}: not a NIfTI image ({type(err).__name__}: {err}); give a .nii or .nii.gz volume") from err
-    if data.ndim == 4 and allow_4d_singleton and data.shape[3] == 1:
+    while data.ndim > 3 and allow_4d_singleton and data.shape[-1] == 1:  # (X, Y, Z, 1) or (X, Y, Z, 1, 1)
         data = data[..., 0]
     if data.ndim != 3:
         fix = "split 4-D series into one 3-D file per sequence" if data.ndim > 3 else "give the whole 3-D volume, not a single slice"
@@ -324,6 +365,15 @@ def load_nifti(path: str | Path, *, allow_4d_singleton: bool = True) -> tuple[np
 def check_header(path: Path, image: nib.Nifti1Image) -> None:
     """Refuse, from the header alone, a volume too large to read or of a voxel type anofpdm cannot use."""
     shape = tuple(int(s) for s in image.shape)
+    if 0 in shape:
+        raise InputError(f"{path}: the header claims shape {shape}, an axis of length 0, so the file holds no voxels; "
+                         "re-export this volume")  # fmt: skip
+    header = image.header
+    if "scl_slope" in header and "scl_inter" in header:
+        slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+        if not (math.isnan(slope) or slope == 0) and not (math.isfinite(slope) and math.isfinite(inter)):
+            raise InputError(f"{path}: the header's intensity scaling is not finite (scl_slope {slope:g}, scl_inter "
+                             f"{inter:g}); set scl_slope to 1 and scl_inter to 0 (or re-export the volume)")  # fmt: skip
     voxels = math.prod(shape)
     limit = max_voxels()
     if voxels > limit:
@@ -345,6 +395,181 @@ def check_header(path: Path, image: nib.Nifti1Image) -> None:
             f"{path}: complex voxels ({dtype.name}) are not supported; give the magnitude image (the absolute value of "
             "the complex data) as a real-valued volume"
         )
+
+
+def check_label_values(path: str | Path, label: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a lesion mask; an InputError when one is negative or not a whole number
+    (a probability map or an image given as the mask)."""
+    unique = np.unique(label)
+    odd = unique[(unique < 0) | (unique != np.round(unique))]
+    if odd.size:
+        raise InputError(
+            f"{path}: unexpected label values {[float(f'{v:.4g}') for v in odd[:5]]} (a lesion mask holds non-negative "
+            "integers); give the lesion mask (not a probability map or an image) or leave this case out"
+        )
+    return unique
+
+
+def check_case_voxels(paths: list[str | Path]) -> None:
+    """Refuse a case whose files together claim more than :func:`max_voxels` voxels (headers only, nothing read).
+
+    The per-file limit of :func:`check_header` alone lets a case of many channels through at several times the
+    limit. Files that are missing or unreadable are left to :func:`load_nifti`, which names what is wrong.
+    """
+    total, limit, counted = 0, max_voxels(), []
+    for path in map(Path, paths):
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        check_extensions(path)
+        try:
+            image = nib.load(str(path))
+        except Exception:  # noqa: BLE001 - load_nifti reports it with its own message
+            continue
+        check_header(path, image)  # one file above the limit: its own message, naming its shape
+        total += math.prod(int(n) for n in image.shape)
+        counted.append(path)
+    if total > limit:
+        raise InputError(
+            f"{counted[0]}: the case's {len(counted)} files claim {total} voxels together ({total * 4 / 2**30:.1f} GiB as "
+            f"float32), above the limit of {limit} voxels per case ({limit * 4 / 2**30:.1f} GiB); if the case is real, "
+            f"raise the limit with max_voxels or {MAX_VOXELS_ENV}, else re-export its files", arguments="max_voxels",
+        )
+
+
+def check_field_voxels(reference: str | Path, box: tuple[tuple[int, int], tuple[int, int]], shape: tuple[int, ...],
+                       margin_mm: float) -> None:
+    """Refuse an axial field (the brain's box plus its margin) whose crop of a (C, X, Y, Z) volume of ``shape``
+    would hold more than :func:`max_voxels` voxels (tiny voxels turn a margin in mm into thousands of voxels)."""
+    (x0, x1), (y0, y1) = box
+    voxels = (x1 - x0) * (y1 - y0) * int(shape[0]) * int(shape[-1])
+    limit = max_voxels()
+    if voxels > limit:
+        raise InputError(
+            f"{reference}: the brain's field with its {margin_mm:g} mm margin is {x1 - x0} x {y1 - y0} voxels per slice "
+            f"({voxels} voxels over {shape[0]} channel(s) and {shape[-1]} slices), above the limit of {limit} voxels; "
+            f"check the voxel size in the header (pixdim, xyzt_units), or raise the limit with max_voxels",
+            arguments="max_voxels",
+        )
+
+
+NIBABEL_LOGGER = "nibabel.global"  # where nibabel reports header problems it fixes (with a handler of its own)
+
+
+@contextlib.contextmanager
+def nibabel_messages(path: Path) -> Iterator[None]:
+    """Turn what nibabel logs while it reads ``path``'s header (e.g. ``pixdim[1,2,3] should be non-zero``) into one
+    :class:`InputWarning` each that names the file, instead of a bare line printed for every load of the file."""
+    caught: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record.getMessage())
+
+    logger = logging.getLogger(NIBABEL_LOGGER)
+    handlers, propagate = list(logger.handlers), logger.propagate
+    logger.handlers, logger.propagate = [Catch(logging.DEBUG)], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    for message in dict.fromkeys(caught):
+        warnings.warn(f"{path}: {message} (nibabel, reading the header)", InputWarning, stacklevel=3)
+
+
+def image_stem(name: str) -> str:
+    """A file name without its image suffix (``scan.nii.gz``, ``scan.hdr``, ``scan.mgz`` -> ``scan``)."""
+    lower = name.lower()
+    suffix = next((s for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
+    return name[: -len(suffix)] if suffix else name.split(".nii")[0]
+
+
+def spatial_unit_mm(image: Any) -> float:
+    """How many mm one unit of the image's affine is: from NIfTI's ``xyzt_units`` (metres, mm, microns; unknown: mm)."""
+    units = getattr(image.header, "get_xyzt_units", None)
+    return UNIT_MM.get(units()[0], 1.0) if units is not None else 1.0
+
+
+def affine_mm(image: Any) -> np.ndarray:
+    """The image's (4, 4) voxel-to-world affine with world positions in mm (the header's spatial unit applied)."""
+    affine = np.array(image.affine, dtype=np.float64)
+    affine[:3] *= spatial_unit_mm(image)
+    return affine
+
+
+def check_geometry(path: Path, image: Any) -> None:
+    """Refuse a header whose affine cannot place the voxels: NaN or infinite entries, a collapsed axis, or voxel
+    sizes outside :data:`VOXEL_MM_RANGE` (in mm, the header's unit applied)."""
+    affine = affine_mm(image)
+    fix = "fix the header (re-export the volume, or reset its sform/qform, e.g. with fslorient) and retry"
+    if not np.isfinite(affine).all():
+        raise InputError(f"{path}: the header's voxel-to-world affine (sform, or qform and pixdim) holds NaN or infinite values; {fix}")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    volume = abs(float(np.linalg.det(affine[:3, :3])))
+    if (sizes == 0).any() or volume <= 1e-9 * float(np.prod(sizes)):
+        raise InputError(
+            f"{path}: the header's affine is degenerate (voxel axes of lengths {np.round(sizes, 6).tolist()} mm span no "
+            f"volume: a zero or repeated column); {fix}"
+        )
+    low, high = VOXEL_MM_RANGE
+    if (sizes < low).any() or (sizes > high).any():
+        units = image.header.get_xyzt_units()[0] if hasattr(image.header, "get_xyzt_units") else "mm"
+        raise InputError(
+            f"{path}: voxel size {tuple(float(f'{v:.4g}') for v in sizes)} mm (header unit: {units}) lies outside "
+            f"[{low}, {high}] mm; fix pixdim and xyzt_units in the header (a brain MRI voxel is about 0.1 to 10 mm)"
+        )
+
+
+def check_extensions(path: Path) -> None:
+    """Refuse a NIfTI file whose header extensions exceed :data:`MAX_EXTENSION_BYTES` or :data:`MAX_EXTENSIONS`.
+
+    ``nib.load`` reads every extension into memory, so a 1 MB ``.nii.gz`` can make it allocate gigabytes. This
+    walks the extension headers (8 bytes each) the way nibabel does, skipping their contents, before it runs.
+    Files that are not NIfTI are left to ``nib.load``.
+    """
+    name = path.name.lower()
+    single = name.endswith((".nii", ".nii.gz"))
+    if not (single or name.endswith((".hdr", ".hdr.gz"))):
+        return
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+            first = f.read(4)
+            if len(first) < 4:
+                return
+            for order in "<>":
+                sizeof_hdr = int(np.frombuffer(first, dtype=f"{order}i4")[0])
+                if sizeof_hdr in (348, 540):
+                    break
+            else:
+                return
+            rest = f.read(sizeof_hdr - 4)
+            status = f.read(4)
+            if len(rest) < sizeof_hdr - 4 or len(status) < 4 or status[:1] == b"\0":
+                return
+            block = first + rest
+            vox_offset = (float(np.frombuffer(block[108:112], dtype=f"{order}f4")[0]) if sizeof_hdr == 348
+                          else int(np.frombuffer(block[168:176], dtype=f"{order}i8")[0]))  # fmt: skip
+            size = vox_offset - sizeof_hdr - 4 if single else -1
+            total = count = 0
+            while size >= 16 or size < 0:
+                ext = f.read(8)
+                if len(ext) < 8:
+                    return  # the end (or a truncated file: nib.load says so)
+                esize = int(np.frombuffer(ext[:4], dtype=f"{order}i4")[0])
+                total, count = total + max(esize, 0), count + 1
+                if total > MAX_EXTENSION_BYTES or count > MAX_EXTENSIONS:
+                    raise InputError(
+                        f"{path}: the header carries more than {MAX_EXTENSIONS} extensions or {MAX_EXTENSION_BYTES // 2**20} "
+                        f"MiB of them (at least {count} extensions, {total} bytes); they would be read into memory: strip "
+                        "them (e.g. nibabel: img.header.extensions.clear(), then save) or re-export the volume"
+                    )
+                if esize < 16:
+                    return  # malformed: nib.load reports it
+                f.seek(esize - 8, 1)
+                size -= esize
+    except InputError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError):
+        return  # unreadable: nib.load reports it, with the file's name
 
 
 def _raise_non_finite(path: Path, image: nib.Nifti1Image, data: np.ndarray) -> None:
@@ -376,7 +601,8 @@ def image_like(array: np.ndarray, reference: nib.Nifti1Image, dtype: type | np.d
     """
     if tuple(array.shape) != tuple(reference.shape[:3]):
         raise ValueError(f"array shape {array.shape} differs from the reference grid {reference.shape[:3]}")
-    header = reference.header.copy()
+    source = nifti_header(reference)
+    header = source.copy()
     header.set_data_dtype(dtype)
     header.set_data_shape(array.shape)
     header["scl_slope"] = 1.0
@@ -387,8 +613,21 @@ def image_like(array: np.ndarray, reference: nib.Nifti1Image, dtype: type | np.d
     # The geometry fields are copied as they were, not recomputed: with qform code 0 the pixdim and quaternion
     # may disagree with the sform, and a sheared sform has no exact quaternion (set_qform would rewrite them).
     for name in GEOMETRY_FIELDS:
-        image.header[name] = reference.header[name]
+        image.header[name] = source[name]
     return image
+
+
+def nifti_header(image: Any) -> nib.Nifti1Header:
+    """``image``'s own header when it is NIfTI; else (FreeSurfer ``.mgz``, ANALYZE ``.hdr/.img``) a NIfTI-1 header on
+    the same grid: the same shape and affine (as sform and qform, code 1) and voxel sizes, in mm."""
+    if isinstance(image, (nib.Nifti1Pair, nib.Nifti2Pair)):  # Nifti1Image and Nifti2Image are pairs too
+        return image.header
+    header = nib.Nifti1Header()
+    header.set_data_shape(image.shape[:3])
+    header.set_sform(image.affine, code=1)
+    header.set_qform(image.affine, code=1)
+    header.set_xyzt_units("mm")
+    return header
 
 
 def save_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | Path, dtype: type | np.dtype) -> Path:

@@ -10,15 +10,19 @@ once per run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import stat
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import TextIO
 from pathlib import Path
 
 from tqdm import tqdm
 
-from anofpdm_monai.io import InputError
+from anofpdm_monai.io import NIBABEL_LOGGER, InputError
 
 LOGGER_NAME = "anofpdm"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -66,17 +70,44 @@ def log_to_file(folder: str | Path, verb: str) -> Path:
     logger = get_logger()
     if not _ACTIVE:  # outside a verb (a verb's run() called from Python): no handler that nobody would remove
         return path
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in logger.handlers):
+    if any(getattr(h, "log_path", None) == path.resolve() for h in logger.handlers):
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = LogFileHandler(open_log(path))
     except OSError as err:
         raise InputError(f"{path}: cannot write the log file ({err.strerror}); choose a writable output folder") from err
+    handler.log_path = path.resolve()  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.setLevel(logging.INFO)
     logger.addHandler(handler)
     return path
+
+
+class LogFileHandler(logging.StreamHandler):
+    """A handler on a log file opened by :func:`open_log`; closing the handler closes the file."""
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            super().close()
+
+
+def open_log(path: Path) -> TextIO:
+    """Open ``path`` for appending without following a symbolic link planted there (``O_NOFOLLOW``): a link, or
+    anything but a regular file, is refused (OSError), so the log never lands outside its folder."""
+    if path.is_symlink():
+        raise OSError(errno.ELOOP, f"it is a symbolic link (to {os.readlink(path)}), which anofpdm does not write through; "
+                                   "remove the link", str(path))  # fmt: skip
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @contextlib.contextmanager
@@ -104,11 +135,14 @@ def verb_logging(verb: str) -> Iterator[logging.Logger]:
             logger.warning(text)
 
     warnings.showwarning = show
+    nibabel_logger = logging.getLogger(NIBABEL_LOGGER)  # its header messages: load_nifti warns once, naming the file
+    nibabel_handlers, nibabel_logger.handlers = list(nibabel_logger.handlers), [logging.NullHandler()]
     _ACTIVE.append(verb)
     try:
         yield logger
     finally:
         _ACTIVE.pop()
+        nibabel_logger.handlers = nibabel_handlers
         warnings.showwarning = before[3]
         for handler in list(logger.handlers):
             logger.removeHandler(handler)

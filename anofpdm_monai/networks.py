@@ -365,22 +365,85 @@ def load_model_folder(
         check_register_to(config.preprocess.register_to, "preprocess.register_to")
     except ValueError as err:
         raise InputError(f"{model_dir / 'config.json'}: {err}; fix that field, or use the config.json saved with these weights") from err
-    network = build_network(config.network) if network is None else network
     state = safe_torch_load(model_dir / "model.pt")
+    if network is None:  # the config is checked against the weights before it costs any memory
+        check_weights_fit(state, model_dir / "model.pt", config.network)
+        network = build_network(config.network)
     load_weights(network, state, model_dir / "model.pt", config.network)
     return network.to(device).eval(), config
 
 
-def load_weights(network: torch.nn.Module, state: object, path: Path, cfg: NetworkConfig) -> None:
-    """``load_state_dict`` with a message that says which preset/channel count the file does not fit."""
+def check_weights_fit(state: object, path: Path, cfg: NetworkConfig) -> None:
+    """Refuse ``config.json`` network settings that do not fit the weights file, before the network is built.
+
+    The widths, channel count and blocks per level are read off the file's tensor names and shapes first; then
+    the network is built on PyTorch's ``meta`` device (no memory) and every tensor's shape is compared, so an
+    absurd config (widths 8192, 16 blocks: hundreds of GiB of parameters) is refused without allocating it.
+
+    Raises:
+        InputError: one line naming the first setting or tensor that differs.
+    """
+    _check_plain(state, path)
+    first = state.get("conv_in.conv.weight")
+    if first is not None and first.ndim == 4:
+        found = {"in_channels": int(first.shape[1]), "channels[0]": int(first.shape[0])}
+        levels = sorted({int(m[1]) for k in state if (m := re.match(r"down_blocks\.(\d+)\.", k))})
+        blocks = {int(m[1]) for k in state if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))}
+        found["levels"] = len(levels)
+        found["num_res_blocks"] = len(blocks)
+        for i in levels:
+            width = state.get(f"down_blocks.{i}.resnets.0.conv2.conv.weight")
+            if width is not None:
+                found[f"channels[{i}]"] = int(width.shape[0])
+        wanted = {"in_channels": cfg.in_channels, "levels": len(cfg.channels), "num_res_blocks": cfg.num_res_blocks,
+                  **{f"channels[{i}]": int(c) for i, c in enumerate(cfg.channels)}}  # fmt: skip
+        for key, value in wanted.items():
+            if key in found and found[key] != value:
+                detail = (f"the file's first layer takes {found[key]} channels" if key == "in_channels"
+                          else f"{key} is {found[key]} in the weights, {value} in config.json")  # fmt: skip
+                raise _misfit(path, cfg, detail)
+    with torch.device("meta"):
+        skeleton = build_network(cfg)
+    _check_shapes(skeleton, state, path, cfg)
+
+
+def _check_plain(state: object, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path}: not a plain state dict of tensors; save weights with torch.save(model.state_dict())")
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        first_weight = state.get("conv_in.conv.weight")
-        found = f" (the file's first layer takes {first_weight.shape[1]} channels)" if first_weight is not None else ""
+
+
+def _check_shapes(network: torch.nn.Module, state: dict, path: Path, cfg: NetworkConfig) -> None:
+    """Every tensor of ``network`` (real or on the meta device) has its counterpart of the same shape in ``state``."""
+    expected = network.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shape = next((k for k in expected if k in state and tuple(expected[k].shape) != tuple(state[k].shape)), None)
+    if not (missing or unexpected or shape):
+        return
+    if shape == "conv_in.conv.weight" and state[shape].ndim == 4 and state[shape].shape[1] != expected[shape].shape[1]:
+        detail = f"the file's first layer takes {state[shape].shape[1]} channels"
+    elif shape is not None:
+        detail = f"{shape} is {tuple(state[shape].shape)} in the weights, {tuple(expected[shape].shape)} for config.json"
+    else:
+        detail = f"tensor {(missing or unexpected)[0]} is {'missing from' if missing else 'not expected in'} the weights"
+    raise _misfit(path, cfg, detail)
+
+
+def _misfit(path: Path, cfg: NetworkConfig, detail: str) -> InputError:
+    return InputError(
+        f"{path}: weights do not fit config.json (preset {cfg.preset!r}, {cfg.in_channels} channels, widths "
+        f"{list(cfg.channels)}, {cfg.num_res_blocks} res block(s)): {detail}; use the config.json saved with these weights"
+    )
+
+
+def load_weights(network: torch.nn.Module, state: object, path: Path, cfg: NetworkConfig) -> None:
+    """``load_state_dict`` after checking that the weights fit ``network`` and are finite (one-line InputErrors)."""
+    _check_plain(state, path)
+    _check_shapes(network, state, path, cfg)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
         raise InputError(
-            f"{path}: weights do not fit config.json (preset {cfg.preset!r}, {cfg.in_channels} channels, "
-            f"widths {list(cfg.channels)}){found}; use the config.json saved with these weights"
-        ) from err
+            f"{path}: {len(bad)} of {len(state)} weight tensors hold NaN or infinite values (first: {bad[0]}), so every "
+            "output would be meaningless; the training that saved them diverged: retrain with a lower learning rate, or use "
+            "weights saved before it diverged"
+        )
+    network.load_state_dict(state)

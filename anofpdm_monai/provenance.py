@@ -34,10 +34,12 @@ _MISSING = object()
 
 
 def package_version() -> str:
-    """This package's version (``anofpdm_monai.__version__``, the one setup.cfg reads)."""
-    from anofpdm_monai import __version__
+    """This package's version (``anofpdm_monai.__version__``, the one setup.cfg reads).
 
-    return __version__
+    Read from the package already imported (Python imports a package before its modules), not imported here:
+    ``anofpdm_monai`` imports the API, which records settings through this module (no import cycle).
+    """
+    return sys.modules[__package__].__version__
 
 
 def versions() -> dict[str, str | None]:
@@ -134,7 +136,7 @@ def _lookup(record: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
     if value is _MISSING:
         return "(not recorded)"
     text = json.dumps(value, sort_keys=True)
@@ -194,7 +196,7 @@ def check_continuation(out_dir: str | Path, record: Mapping[str, Any], keys: Ite
     changed = differences(before, record, keys)
     if not changed:
         return
-    detail = "; ".join(f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in changed)
+    detail = "; ".join(f"{key}: {shown_value(old)} -> {shown_value(new)}" for key, old, new in changed)
     what = "another model" if changed[0][0] == "model.sha256" else "other settings"
     raise InputError(f"{path}: the existing outputs were made with {what} ({detail}); {fix}", arguments="resume")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from anofpdm_monai.io import InputError, check_case_id, missing_file_reason, read_json
+from anofpdm_monai.io import InputError, check_case_id, image_stem, missing_file_reason, read_json
 
 BRATS_CHANNELS = ("flair", "t1", "t1ce", "t2")
 BRATS_MAP_CHANNELS = ("flair", "t2")
@@ -63,6 +63,11 @@ def brain_mask_file(record: CaseRecord) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def record_files(record: CaseRecord) -> list[Path]:
+    """Every file the pipeline reads for one case: its channels, its label and its brain mask (those it has)."""
+    return [p for p in [*record.channels.values(), record.label, brain_mask_file(record)] if p is not None]
 
 
 def read_brats(root: str | Path) -> list[CaseRecord]:
@@ -137,6 +142,14 @@ def _check_unique(records: list[CaseRecord]) -> None:
     for record in records:
         sources.setdefault(record.case_id, []).append(next(iter(record.channels.values()), Path("?")))
     dupes = {case: paths for case, paths in sources.items() if len(paths) > 1}
+    folded: dict[str, str] = {}
+    for case in sources:
+        other = folded.setdefault(case.casefold(), case)
+        if other != case:
+            raise InputError(
+                f"{sources[case][0]}: case ids {other!r} ({sources[other][0]}) and {case!r} differ only by upper/lower case; "
+                "their output files would be one file on macOS and Windows: rename one of them"
+            )
     if dupes:
         case, paths = next(iter(dupes.items()))
         others = f" (and {len(dupes) - 1} more duplicated id(s): {', '.join(sorted(dupes)[:5])})" if len(dupes) > 1 else ""
@@ -197,6 +210,8 @@ def read_manifest(csv_path: str | Path) -> list[CaseRecord]:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(f"{csv_path}: not a readable CSV ({str(err).strip().splitlines()[0]}); give a CSV with columns case_id,<channel>...,[mask]") from err
+    # cells are stripped: a manifest written with ", " separators must not give paths with a leading space
+    table = table.rename(columns=str.strip).apply(lambda column: column.str.strip())
     if "case_id" not in table.columns:
         raise InputError(f"{csv_path}: no 'case_id' column; found columns {list(table.columns)}")
     channel_columns = [c for c in table.columns if c not in MANIFEST_EXTRA]
@@ -247,7 +262,9 @@ def read_cases(root: str | Path, dataset: str) -> list[CaseRecord]:
         raise InputError(f"{root}: input not found")
     if dataset != "manifest" and not root.is_dir():
         raise InputError(f"{root}: dataset={dataset!r} expects a folder; give dataset='manifest' for a CSV", arguments="dataset")
-    return READERS[dataset](root)
+    records = READERS[dataset](root)
+    _check_unique(records)
+    return records
 
 
 def detect_layout(root: str | Path) -> str | None:
@@ -349,7 +366,7 @@ def records_for_inference(inputs: list[str | Path]) -> list[CaseRecord]:
                 )
             record.channels[key] = path
         else:
-            case_id = check_case_id(path.name.split(".nii")[0], path, "rename the file")
+            case_id = check_case_id(image_stem(path.name), path, "rename the file")
             singles.append(CaseRecord(case_id, {"image": path}))
     for record in records.values():
         record.channels = dict(sorted(record.channels.items()))

@@ -95,7 +95,33 @@ def load_summary(results: Path) -> dict[str, dict[str, Any]]:
     summary = read_json(path, "re-run anofpdm evaluate to rewrite it")
     if not isinstance(summary, dict) or not all(isinstance(row, dict) for row in summary.values()):
         raise InputError(f"{path}: not a summary ({{method: row}}); re-run anofpdm evaluate to rewrite it")
+    for method, row in summary.items():
+        check_summary_row(path, method, row)
     return summary
+
+
+NUMBER_FIELDS = (*(key for _, key in SUMMARY_COLUMNS), "case_dice_3d", "calls_per_slice", "seconds_per_slice")
+
+
+def check_summary_row(path: Path, method: str, row: Mapping[str, Any]) -> None:
+    """Refuse a hand-edited row whose shown fields have the wrong type (one line naming the method and field)."""
+    fix = "re-run anofpdm evaluate to rewrite it, or fix that field"
+    for key in NUMBER_FIELDS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InputError(f"{path}: {method}.{key} = {json_repr(value)}: must be a number or null; {fix}")
+    undefined = row.get("undefined")
+    if undefined is not None and not (isinstance(undefined, dict) and all(isinstance(v, str) for v in undefined.values())):
+        raise InputError(f"{path}: {method}.undefined = {json_repr(undefined)}: must map metrics to reasons (text); {fix}")
+    if not isinstance(row.get("uses_pixel_labels", False), bool):
+        raise InputError(f"{path}: {method}.uses_pixel_labels = {json_repr(row['uses_pixel_labels'])}: must be true or false; {fix}")
+
+
+def json_repr(value: Any) -> str:
+    import json
+
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:

@@ -42,6 +42,7 @@ from anofpdm_monai.io import (
     atomic_save_dataframe,
     atomic_write_json,
     check_case_id,
+    check_label_values,
     load_nifti,
 )
 from anofpdm_monai.metrics import volume_dice
@@ -198,7 +199,7 @@ class LesionCounts:
 # ---------------------------------------------------------------------------
 
 
-def read_mask(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_mask(path: str | Path, label: bool = False) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A mask NIfTI of any integer or float type, binarised.
 
     Args:
@@ -209,23 +210,32 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         (header and affine).
 
     Raises:
-        InputError: the file is missing, unreadable, not 3-D, or holds NaN or infinite voxels.
+        InputError: the file is missing, unreadable, not 3-D, or holds NaN or infinite voxels; with ``label``,
+            values that are negative or not whole numbers (a probability map).
     """
     with warnings.catch_warnings():  # an all-lesion mask is constant: fine for a mask, unlike an image
         warnings.simplefilter("ignore", InputWarning)
         data, image = load_nifti(path)
+    if label:  # a label holds whole non-negative numbers, as preprocess demands (a prediction may be any map)
+        check_label_values(path, data)
     return data > 0, image
 
 
-def read_label_map(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_label_map(path: str | Path, label: bool = False) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A label NIfTI as it is stored: ``(data, image)``, data (X, Y, Z) of the file's values (for ``--label-sets``).
+
+    Args:
+        label: the file is a ground-truth label: refuse values that are negative or not whole numbers.
 
     Raises:
         InputError: as for :func:`read_mask`.
     """
     with warnings.catch_warnings():  # a constant label map is fine
         warnings.simplefilter("ignore", InputWarning)
-        return load_nifti(path)
+        data, image = load_nifti(path)
+    if label:  # a label holds whole non-negative numbers, as preprocess demands (a prediction may be any map)
+        check_label_values(path, data)
+    return data, image
 
 
 def check_same_grid(prediction: Path, pred_image: nib.Nifti1Image, label: Path, label_image: nib.Nifti1Image) -> None:
@@ -608,7 +618,7 @@ def score_pair(pair: MaskPair, convention: str | Convention = "default", label_s
             file and from the prediction alike.
     """
     sets = tuple(label_sets or parse_label_sets(None))
-    truth_map, label_image = read_label_map(pair.label)
+    truth_map, label_image = read_label_map(pair.label, label=True)
     if pair.prediction is None:
         pred_map = np.zeros_like(truth_map)
     else:
@@ -687,6 +697,9 @@ def pair_masks(predictions: str | Path, labels: str | Path, missing_as_empty: bo
     pred_dir = Path(predictions)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: predictions folder not found; give the folder holding CASE.nii.gz masks")
+    if Path(labels).resolve() == pred_dir.resolve():
+        raise InputError(f"{pred_dir}: the predictions and the labels are the same folder, so every case would score "
+                         "100 against itself; give the folder of the ground-truth labels as the labels")  # fmt: skip
     preds = case_files(pred_dir, "prediction of case", skip_anomaly=True)
     truths = label_files(labels)
     orphans = sorted(set(preds) - set(truths))

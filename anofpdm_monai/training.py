@@ -391,6 +391,7 @@ def train(settings: TrainSettings, on_start: Callable[[Path], None] | None = Non
             loss_t = torch.tensor([loss_value], device=device)
             dist.all_reduce(loss_t)
             loss_value = float(loss_t) / dist_info.world_size
+        check_finite_step(loss_value, model, step, settings.model_dir, optimizer.param_groups[0]["lr"])
         log_rows.append({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "wall_s": elapsed0 + time.perf_counter() - t0})
         bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
@@ -459,6 +460,26 @@ def recipe_loss(
     if recipe.network == "classifier":
         return F.cross_entropy(logits.float(), labels, weight=class_weights)
     return F.mse_loss(pred.float(), noise)
+
+
+def check_finite_step(loss: float, model: torch.nn.Module, step: int, model_dir: Path, lr: float) -> None:
+    """Stop training when the loss or a weight is NaN or infinite: every later step and checkpoint would be too.
+
+    The last checkpoint (written before this step, when it was finite) stays as it is.
+
+    Raises:
+        InputError: one line naming the step, what is not finite, the learning rate and what to do.
+    """
+    what = None if math.isfinite(loss) else f"the loss is {loss}"
+    if what is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        what = "the weights hold NaN or infinite values"
+    if what is not None:
+        kept = model_dir / "model.pt"
+        saved = f"the last checkpoint ({kept}) is kept as it was" if kept.is_file() else "no checkpoint was saved"
+        raise InputError(
+            f"training diverged at step {step}: {what} (learning rate {lr:g}); {saved}; train again with a lower lr "
+            "(a resumed run keeps its checkpoint's learning rate)", arguments="lr"
+        )
 
 
 def save_checkpoint(

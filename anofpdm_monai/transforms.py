@@ -29,7 +29,15 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, Orientationd
 
 from anofpdm_monai.config import BRAIN_MASK_MODES, PreprocessConfig
-from anofpdm_monai.io import InputError, InputWarning, load_nifti
+from anofpdm_monai.io import (
+    InputError,
+    InputWarning,
+    affine_mm,
+    check_case_voxels,
+    check_field_voxels,
+    check_label_values,
+    load_nifti,
+)
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 AFFINE_TOLERANCE_MM = 1e-3
@@ -83,6 +91,7 @@ class LoadCased(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         paths = [Path(p) for p in d["image"]]
+        check_case_voxels([*paths, *(d[key] for key in ("label", "brain_mask") if d.get(key) is not None)])
         arrays, first = [], None
         for path in paths:
             array, image = load_nifti(path)
@@ -94,7 +103,7 @@ class LoadCased(MapTransform):
                 raise InputError(f"{path}: every voxel is zero; this volume holds no image; re-export it or leave this case out")
             arrays.append(array)
         ref_path, ref_image = first
-        affine = torch.as_tensor(ref_image.affine, dtype=torch.float64)
+        affine = torch.as_tensor(affine_mm(ref_image), dtype=torch.float64)  # in mm, whatever the header's unit
         stacked = np.stack(arrays)
         d["image"] = MetaTensor(torch.from_numpy(stacked), affine=affine)
         d["reference"] = ref_path
@@ -102,13 +111,7 @@ class LoadCased(MapTransform):
             label_path = Path(d["label"])
             label, label_image = load_nifti(label_path)
             _check_same_grid(first, (label_path, label_image))
-            unique = np.unique(label)
-            odd = unique[(unique < 0) | (unique != np.round(unique))]
-            if odd.size:
-                raise InputError(
-                    f"{label_path}: unexpected label values {[float(f'{v:.4g}') for v in odd[:5]]} (a lesion mask holds non-negative integers); "
-                    "give the lesion mask (not a probability map or an image) or leave this case out"
-                )
+            unique = check_label_values(label_path, label)
             values = set(unique.astype(int).tolist())
             if self.allowed_labels is not None and not values <= self.allowed_labels | {0}:
                 raise InputError(
@@ -129,7 +132,7 @@ def _check_same_grid(first: tuple[Path, nib.Nifti1Image], other: tuple[Path, nib
     (p0, im0), (p1, im1) = first, other
     if im0.shape[:3] != im1.shape[:3]:
         raise InputError(f"{p1}: shape {im1.shape[:3]} differs from {p0.name} {im0.shape[:3]}; {rule}")
-    diff = float(np.abs(im0.affine - im1.affine).max())
+    diff = float(np.abs(affine_mm(im0) - affine_mm(im1)).max())
     if diff > AFFINE_TOLERANCE_MM:
         raise InputError(f"{p1}: affine differs from {p0.name} by up to {diff:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); {rule}")
 
@@ -543,6 +546,7 @@ def preprocess_case(
     box = None
     if crop_margin_mm is not None:
         box = brain_square_box(brain, np.linalg.norm(np.asarray(data["image"].affine)[:3, :2], axis=0), crop_margin_mm)
+        check_field_voxels(data["reference"], box, planes.shape, crop_margin_mm)
         planes = crop_planes(planes, box)
         label_planes = None if label_planes is None else crop_planes(label_planes, box)
     spacing = np.linalg.norm(np.asarray(data["image"].affine)[:3, :3], axis=0)

@@ -681,7 +681,7 @@ def generate_cohort(
 
     from tqdm import tqdm
 
-    from anofpdm_monai.io import atomic_write_text
+    from anofpdm_monai.io import InputError, atomic_write_text
 
     kinds = parse_lesions(layout, lesions)
     whole_head = WHOLE_HEAD_DEFAULT[layout] if whole_head is None else bool(whole_head)
@@ -690,6 +690,8 @@ def generate_cohort(
     if not 0.0 <= healthy_fraction <= 1.0:
         raise ValueError(f"healthy_fraction={healthy_fraction} must lie in [0, 1]")
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():  # refused before any case is made (it failed after all of them)
+        raise InputError(f"{root}: exists and is not a folder; give the output (-o) a new or existing folder")
     rng = np.random.default_rng(seed)
     healthy = set(rng.choice(cases, size=int(round(healthy_fraction * cases)), replace=False).tolist())
     max_lesions = 3 if layout == "brats" else 4

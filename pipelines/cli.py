@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(verb_in(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     from anofpdm_monai.io import MAX_VOXELS_ENV, InputError, set_max_voxels
     from anofpdm_monai.logs import verb_logging
+    from anofpdm_monai.outputs import release_locks
     from anofpdm_monai.provenance import command_line
     from anofpdm_monai.threads import configure_threads
     from pipelines.options import cli_message
@@ -121,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         except (InputError, FileNotFoundError, ValueError) as err:
             logger.error(cli_message(err, module.add_arguments))  # one line: "anofpdm VERB: error: ...", flags named as flags
             return 2
+        except KeyboardInterrupt:  # every file is written atomically: what is under a final name is whole
+            logger.error("interrupted (Ctrl-C); files already written are whole, finished cases are kept "
+                         "(rerun with --continue or --resume where the verb has it)")  # fmt: skip
+            return 130
+        finally:
+            release_locks()
 
 
 if __name__ == "__main__":

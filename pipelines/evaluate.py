@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from anofpdm_monai.evaluation import EvaluationSettings, evaluate_cohort, make_results_folder
-from anofpdm_monai.logs import get_logger, log_to_file
+from anofpdm_monai.evaluation import EvaluationSettings, evaluate_cohort
+from anofpdm_monai.logs import get_logger
 from anofpdm_monai.methods import all_methods
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings
 from anofpdm_monai.tuning import DEFAULT_TUNING_SLICES, parse_tune_options
@@ -57,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
         tune_slices=args.tune_slices, resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, report=args.report,
     )  # fmt: skip
     model = AnoFPDMModel.from_folder(args.model, args.device)
-    log_to_file(make_results_folder(results), "evaluate")
     log = get_logger()
     outcome = evaluate_cohort(
         model, args.input, results, settings, evaluation,

@@ -7,20 +7,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from anofpdm_monai.api import resolve_parts, segment_records, shard
+from anofpdm_monai.api import finished_cases, resolve_parts, segment_records, shard
 from anofpdm_monai.inferers import SAVE_ANOMALY, VolumeInferer
 from anofpdm_monai.io import InputError
 from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.methods import anofpdm_methods
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, InferenceSettings
+from anofpdm_monai.outputs import SEGMENT_SETTINGS, check_segment_outputs, lock_folder
 from anofpdm_monai.provenance import check_continuation, inference_settings, write_run_record
 from anofpdm_monai.readers import records_for_inference
 from pipelines.options import add_brain_mask_argument, add_device_arguments, add_max_voxels_argument, cli_message, record_of
 
 log = get_logger()
 # the settings that change what segment writes (--continue refuses to mix outputs made with others)
-OUTPUT_SETTINGS = ("method", "encoding", "steps", "stride", "w", "thr_01", "D", "calibration_sha256", "seed", "precision",
-                   "keep_3d_components", "save_anomaly", "brain_mask")  # fmt: skip
+OUTPUT_SETTINGS = SEGMENT_SETTINGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop 3-D lesion components smaller than this many voxels (0: keep all)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network: its first call compiles (minutes on a CPU); for cohorts where it was measured faster (docs/segment.md)")
-    parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose mask already exists")
+    parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished with the same settings (mask and CASE.json); refused if one was made with others")
     parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (or run under torchrun)")
     parser.add_argument("--part-id", type=int, default=0, help="which part this process segments, in [0, --num-parts)")
     add_brain_mask_argument(parser, "default: the model folder's (its config.json preprocess.brain_mask)")
@@ -63,10 +63,14 @@ def run(args: argparse.Namespace) -> int:
     record = record_of("segment", args, resolved, inferer.model_dir)
     if args.resume and any(out_dir.glob("*.nii.gz")):
         check_continuation(out_dir, record, OUTPUT_SETTINGS)
+    check_segment_outputs(records, out_dir, ("run.json", "segment.log"))
+    if args.resume:  # a case finished with other settings is refused before anything is written
+        finished_cases(inferer, records, out_dir, args.save_anomaly)
     try:  # after the model folder was checked: a refused model leaves no output folder behind
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{out_dir}: cannot create the output folder ({err.strerror}); choose a writable -o") from err
+    lock_folder(out_dir, "segment", (part_id, num_parts))
     log_to_file(out_dir, "segment")
     write_run_record(out_dir, record)
     outcomes = segment_records(

@@ -125,8 +125,8 @@ def test_continue_refuses_outputs_made_with_other_settings(model, cohort, tmp_pa
     assert segment_cli("-m", model, "-i", case, "-o", tmp_path) == 0
     assert segment_cli("-m", model, "-i", case, "-o", tmp_path, "--continue") == 0
     assert "skipped" in capsys.readouterr().out
-    assert segment_cli("-m", model, "-i", case, "-o", tmp_path, "--continue", "--steps", 20) == 2
-    assert "steps: 40 -> 20" in capsys.readouterr().err
+    assert segment_cli("-m", model, "-i", case, "-o", tmp_path, "--continue", "--steps", 30) == 2  # stride 20: t = 0, 20
+    assert "steps: 40 -> 30" in capsys.readouterr().err
 
 
 def test_docs_api_example_runs(model, cohort, tmp_path, monkeypatch):

@@ -222,8 +222,8 @@ def cohort_run(model4: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_cohort_folder_every_case_done(cohort_run):
     assert cohort_run["rc"] == 0, cohort_run["stderr"]
     names = sorted(p.name for p in cohort_run["out"].iterdir())
-    expected = [f"{c}{s}.nii.gz" for c in GEOMETRY_CASES for s in ("", "_anomaly")]
-    assert names == sorted([*expected, "run.json", "segment.log"])  # outputs, the run record and the log only
+    expected = [f"{c}{s}" for c in GEOMETRY_CASES for s in (".nii.gz", "_anomaly.nii.gz", ".json")]
+    assert names == sorted([*expected, "run.json", "segment.log"])  # outputs and settings records, the run record, the log
     for case in GEOMETRY_CASES:  # the summary line of every case
         assert f"{case}: " in cohort_run["stdout"] and "slices unhealthy, lesion" in cohort_run["stdout"]
 
@@ -313,7 +313,7 @@ def test_brats_case_folder_with_png_and_summary_line(model4, tmp_path, capsys):
     write_case(tmp_path / "raw" / "BraTS2021_09999", "BraTS2021_09999", AFFINES["LPS"])
     assert segment("-m", model4, "-i", tmp_path / "raw" / case_id, "-o", tmp_path / "out", "--save-png") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"{case_id}.nii.gz", f"{case_id}.png", f"{case_id}_anomaly.nii.gz", "run.json", "segment.log"
+        f"{case_id}.json", f"{case_id}.nii.gz", f"{case_id}.png", f"{case_id}_anomaly.nii.gz", "run.json", "segment.log"
     ]
     assert (tmp_path / "out" / f"{case_id}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"{case_id}: ")]
@@ -338,7 +338,8 @@ def test_nnunet_files_grouped_by_case(model4, tmp_path):
     assert len(files) == 8
     assert segment("-m", model4, "-i", *files, "-o", tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "PAT_001.nii.gz", "PAT_001_anomaly.nii.gz", "PAT_002.nii.gz", "PAT_002_anomaly.nii.gz", "run.json", "segment.log"
+        "PAT_001.json", "PAT_001.nii.gz", "PAT_001_anomaly.nii.gz", "PAT_002.json", "PAT_002.nii.gz", "PAT_002_anomaly.nii.gz",
+        "run.json", "segment.log",
     ]
 
 
@@ -451,5 +452,6 @@ def test_output_file_that_cannot_be_written_leaves_nothing_behind(model4, tmp_pa
     assert segment("-m", model4, "-i", cohort, "-o", out, "--save-png") == 1
     lines = bad_case_errors(capsys.readouterr().err, "A")
     assert len(lines) == 1 and str(out / "A.nii.gz") in lines[0] and "writable" in lines[0]
-    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.nii.gz", "B.png", "B_anomaly.nii.gz", "run.json", "segment.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["A.nii.gz", "B.json", "B.nii.gz", "B.png", "B_anomaly.nii.gz", "run.json",
+                                                    "segment.log"]  # fmt: skip
     assert (out / "A.nii.gz").is_dir()

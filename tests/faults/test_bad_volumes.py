@@ -43,6 +43,15 @@ FAULTS = {
     "missing": (V.spoil_missing, r"file not found", r"check the path"),
     "labels": (V.spoil_labels, r"unexpected label values \[3\]", r"relabel the mask"),
     "fraclabels": (V.spoil_fractional_labels, r"unexpected label values \[0\.7", r"give the lesion mask"),
+    # issue 23: headers that crashed the whole cohort (an SVD in Orientationd, an overflow in crop_planes)
+    "nansrow": (V.spoil_header(srow_x=[float("nan"), 0, 0, 0]), r"affine \(sform, or qform and pixdim\) holds NaN", r"fix the header"),
+    "zerocolumn": (V.spoil_zero_column, r"affine is degenerate", r"fix the header"),
+    "nanpixdim": (V.spoil_header(sform_code=0, qform_code=1, pixdim_xyz=[float("nan"), 1, 1]), r"holds NaN or infinite", r"fix the header"),
+    "tinypixdim": (V.spoil_header(sform_code=0, qform_code=1, pixdim_xyz=[1e-30, 1e-30, 1e-30]), r"voxel size .* lies outside \[0\.01, 100\.0\] mm", r"fix pixdim and xyzt_units"),
+    "metres": (V.spoil_header(xyzt_units=1), r"voxel size \(1000.* mm \(header unit: meter\)", r"fix pixdim and xyzt_units"),
+    "sclinf": (V.spoil_header(scl_slope=1.0, scl_inter=float("inf")), r"intensity scaling is not finite", r"set scl_slope to 1"),
+    "zeroaxis": (V.spoil_header(dim=[3, 40, 48, 0, 1, 1, 1, 1]), r"an axis of length 0", r"re-export"),
+    "extbomb": (V.spoil_extension_bomb, r"extensions", r"strip them"),
 }
 # The lesion mask is ground truth: preprocess and evaluate read it, segment does not (it is no input there).
 MASK_FAULTS = ("labels", "fraclabels")

@@ -62,11 +62,11 @@ def _stamp(paths: list[Path]) -> dict[Path, tuple[int, bytes]]:
 def test_segment_killed_then_continue(raw_cohort, tiny_model, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     argv = ["segment", "-m", str(tiny_model), "-i", str(raw_cohort), "-o", str(out), "--device", "cpu"]
-    done = _kill_after_first(argv, "case?.nii.gz", out, tmp_path / "child.log")
+    done = _kill_after_first(argv, "case?.json", out, tmp_path / "child.log")  # a case's settings record: written last
     assert 1 <= len(done) < len(CASES), f"killed after {[p.name for p in done]}: not part-way"
     for path in V.visible_files(out, "*.nii.gz"):  # whatever the kill left under a final name is whole
         load_nifti(path)
-    finished = done + [p.with_name(p.name.replace(".nii.gz", "_anomaly.nii.gz")) for p in done]
+    finished = done + [p.with_suffix(".nii.gz") for p in done] + [p.with_name(p.stem + "_anomaly.nii.gz") for p in done]
     before = _stamp(finished)
 
     code, out_text, err = V.run_cli(argv + ["--continue"])
@@ -104,11 +104,12 @@ def test_evaluate_killed_then_continue(raw_cohort, tiny_model, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     argv = ["evaluate", "-m", str(tiny_model), "-i", str(raw_cohort), "-o", str(out), "--device", "cpu",
             "--methods", "anofpdm-ddim,anofpdm-ddim-last,threshold"]  # fmt: skip
-    done = _kill_after_first(argv, "case?.npz", out / "cases", tmp_path / "child.log")
+    done = _kill_after_first(argv, "case?.json", out / "cases", tmp_path / "child.log")  # settings record: written last
     assert 1 <= len(done) < len(CASES), f"killed after {[p.name for p in done]}: not part-way"
     for path in V.visible_files(out / "cases", "*.npz"):
         with np.load(path) as data:
             [data[k] for k in data.files]
+    done += [p.with_suffix(".npz") for p in done]
     before = _stamp(done)
 
     code, _, err = V.run_cli(argv + ["--continue"])

@@ -176,6 +176,42 @@ def spoil_fractional_labels(channels, seg):
     return _rewrite(seg, array)
 
 
+def spoil_header(**fields) -> Callable:
+    """Set raw header ``fields`` of flair (e.g. ``srow_x``, ``pixdim``, ``sform_code``), keeping its voxels."""
+
+    def spoil(channels, seg):
+        path = channels["flair"]
+        image = nib.load(str(path))
+        header = image.header.copy()
+        for name, value in fields.items():
+            if name == "pixdim_xyz":
+                header["pixdim"][1:4] = value
+            else:
+                header[name] = value
+        header["vox_offset"] = 352  # the header, 4 bytes of (no) extensions, then the voxels
+        data = np.asarray(image.dataobj).astype(header.get_data_dtype()).tobytes(order="F")
+        path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + data))
+        return path
+
+    return spoil
+
+
+def spoil_zero_column(channels, seg):
+    path = channels["flair"]
+    affine = nib.load(str(path)).affine.copy()
+    affine[:3, 0] = 0.0
+    return spoil_header(srow_x=affine[0], srow_y=affine[1], srow_z=affine[2], sform_code=1, qform_code=0)(channels, seg)
+
+
+def spoil_extension_bomb(channels, seg):
+    """20 MiB of header extensions (zeros: the file stays small); nib.load would read them all into memory."""
+    path = channels["flair"]
+    image = nib.load(str(path))
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(0, b"\0" * (20 * 2**20)))
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header), str(path))
+    return path
+
+
 # --- running the CLI ------------------------------------------------------------------------------------------
 
 
