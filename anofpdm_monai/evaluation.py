@@ -12,6 +12,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -635,13 +636,15 @@ def evaluate_cohort(
     unknown = [m for m in requested if m not in registry]
     if unknown:
         raise InputError(f"methods: unknown {unknown}; choose from {list(registry)}", arguments="methods")
-    inferer = VolumeInferer(model, settings)
-    cohort = Cohort(source, inferer, evaluation.split)
+    with warnings.catch_warnings():  # the input is checked before the results folder exists; the inferer's warnings
+        warnings.simplefilter("ignore")  # (e.g. settings other than the calibration's) come below, into its log too
+        cohort = Cohort(source, VolumeInferer(model, settings), evaluation.split)
     if outputs_dir is not None and cohort.store is None:
         check_segment_outputs(list(cohort.records.values()), outputs_dir, argument="outputs_dir")
     make_results_folder(results)  # once the model and the input were checked: a refused run leaves no folder behind
     lock_folder(results, "evaluate", (part_id, num_parts))
     log_to_file(results, "evaluate")
+    inferer = cohort.inferer = VolumeInferer(model, settings)
     contexts, skipped = {}, {}
     for name in requested:
         method = registry[name]

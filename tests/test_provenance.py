@@ -208,9 +208,9 @@ def test_evaluate_continue_refuses_another_model_or_steps(model, brats_store, tm
     capsys.readouterr()
 
     # another --steps: refused in one line, nothing touched
-    assert evaluate(model, brats_store, out, "--steps", 4, "--stride", 4, "--continue") == 2
+    assert evaluate(model, brats_store, out, "--steps", 12, "--stride", 4, "--continue") == 2  # (--steps 4 visits only t = 0: refused)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
-    assert len(lines) == 1 and "(steps: 8 -> 4; calibrations.ddim.steps: 8 -> 4)" in lines[0] and "new output folder, or run without --continue" in lines[0], lines
+    assert len(lines) == 1 and "(steps: 8 -> 12; calibrations.ddim.steps: 8 -> 12)" in lines[0] and "new output folder, or run without --continue" in lines[0], lines
     assert strict_load(out / "run.json")["settings"]["steps"] == 8
 
     # another model (other weights, same folder layout): refused
