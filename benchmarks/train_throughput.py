@@ -7,6 +7,7 @@ CUDA, MSE, backward, AdamW, EMA update. ``--warmup`` steps run first and are not
 
     python benchmarks/train_throughput.py                       # tiny (+ paper when CUDA is available)
     python benchmarks/train_throughput.py --presets paper --batch-size 64 --steps 50
+    python benchmarks/train_throughput.py --image-sizes 64,96,128   # one preset's cost at other slice sizes
 
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU (reset per preset) and the process's
 peak resident set size (``resource.getrusage``, cumulative over the presets run so far) on CPU.
@@ -15,6 +16,7 @@ peak resident set size (``resource.getrusage``, cumulative over the presets run 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import time
@@ -32,9 +34,11 @@ from anofpdm_monai.training import update_ema  # noqa: E402
 
 
 def measure(preset: str, device: torch.device, batch_size: int, steps: int, warmup: int, channels: int,
-            max_t: int, seed: int = 0) -> dict:  # fmt: skip
-    """Time ``steps`` training steps of ``preset`` after ``warmup`` untimed ones."""
+            max_t: int, image_size: int | None = None, seed: int = 0) -> dict:  # fmt: skip
+    """Time ``steps`` training steps of ``preset`` (at ``image_size`` px if given) after ``warmup`` untimed ones."""
     cfg = network_preset(preset, channels)
+    if image_size is not None:
+        cfg = dataclasses.replace(cfg, image_size=image_size)
     torch.manual_seed(seed)
     model = build_network(cfg).to(device).train()
     ema = build_network(cfg).to(device)
@@ -105,6 +109,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4, help="C (BraTS: 4, ATLAS: 1)")
     parser.add_argument("--max-train-timestep", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--image-sizes", default=None, help="comma-separated slice sizes to time each preset at "
+                        "(default: the preset's own); the ratio between them is the cost of a model at another size")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
     if args.threads:
@@ -114,12 +120,14 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rows = []
+    sizes = [int(s) for s in args.image_sizes.split(",")] if args.image_sizes else [None]
     for preset in presets:
-        rows.append(measure(preset, device, args.batch_size, args.steps, args.warmup, args.channels,
-                            args.max_train_timestep))  # fmt: skip
-        print_table(rows[-1:], list(rows[-1]))
+        for size in sizes:
+            rows.append(measure(preset, device, args.batch_size, args.steps, args.warmup, args.channels,
+                                args.max_train_timestep, size))  # fmt: skip
+            print_table(rows[-1:], list(rows[-1]))
     print()
-    print_table(rows, ["preset", "device", "dtype", "params_M", "batch", "steps_per_s", "samples_per_s", "peak_mem_MiB"])
+    print_table(rows, ["preset", "device", "dtype", "image_size", "params_M", "batch", "steps_per_s", "samples_per_s", "peak_mem_MiB"])
     write_json(args.out, {"benchmark": "train_throughput", "args": vars(args), "results": rows})
 
 
