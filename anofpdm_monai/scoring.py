@@ -338,6 +338,122 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, connectivity: int = 26
     return LesionCounts(n_true, n_pred, tp=tp, fn=n_true - tp, fp=n_pred - int(np.count_nonzero(touching)))
 
 
+FP_DISTANCE_MM = 2.0
+"""A predicted component that touches no lesion counts as a false positive only when it lies farther than this
+from every lesion voxel (mm, voxel centre to voxel centre); nearer, it is a sliver of the lesion's edge."""
+
+DETECTION_BINS_MM3 = {"<100": (0.0, 100.0), "100-500": (100.0, 500.0), "500-1500": (500.0, 1500.0),
+                      ">1500": (1500.0, math.inf)}  # fmt: skip
+"""Lesion volume bins of the lesion-wise detection summary (mm^3, [low, high); issue 27)."""
+
+
+@dataclass(frozen=True)
+class LesionMatch:
+    """Lesion by lesion, one case on one grid (:func:`match_lesions`).
+
+    Attributes:
+        lesion_mm3: (L,) volume of each true lesion (connected component of the label), mm^3.
+        detected: (L,) bool, the lesion shares at least one voxel with the prediction.
+        pred_components: connected components of the prediction.
+        fp_components: predicted components that share no voxel with the label and lie farther than
+            ``fp_distance_mm`` from every lesion voxel.
+        near_components: predicted components that share no voxel with the label but lie within
+            ``fp_distance_mm`` of a lesion (neither a detection nor a false positive).
+        fp_ml: volume of the false-positive components, ml.
+        pred_ml: volume of the whole prediction, ml.
+    """
+
+    lesion_mm3: np.ndarray
+    detected: np.ndarray
+    pred_components: int
+    fp_components: int
+    near_components: int
+    fp_ml: float
+    pred_ml: float
+
+
+def match_lesions(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray, fp_distance_mm: float = FP_DISTANCE_MM,
+                  connectivity: int = 26) -> LesionMatch:  # fmt: skip
+    """Lesion-wise detection of one case on the label's own grid (issue 27's figures).
+
+    Lesions are the ``connectivity``-connected components of ``truth``; a lesion is detected when any
+    predicted voxel lies in it. A predicted component sharing no voxel with ``truth`` is a false positive
+    when its nearest voxel is farther than ``fp_distance_mm`` from every lesion voxel (Euclidean, in mm
+    with the affine's voxel sizes); within that distance it is counted apart (``near_components``), since
+    a mask decided on a coarser grid leaves such slivers beside the lesion it found. Without any lesion
+    every predicted component is a false positive.
+
+    Args:
+        pred: (X, Y, Z) bool predicted mask.
+        truth: (X, Y, Z) bool label mask, same grid.
+        affine: (4, 4) voxel-to-world affine of the grid (mm): voxel sizes and volumes.
+        fp_distance_mm: see above (default :data:`FP_DISTANCE_MM`).
+        connectivity: 26 (default), 18 or 6, for both masks.
+    """
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"pred and truth must be (X, Y, Z) of one shape, got {pred.shape} and {truth.shape}")
+    spacing, ml = voxel_spacing(affine), voxel_ml(affine)
+    true_labels, n_true = components(truth, connectivity)
+    lesion_mm3 = np.bincount(true_labels.ravel(), minlength=n_true + 1)[1:] * ml * 1000.0
+    detected = np.zeros(n_true, dtype=bool)
+    detected[np.unique(true_labels[pred & truth]) - 1] = True
+    pred_labels, n_pred = components(pred, connectivity)
+    sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
+    touching = np.zeros(n_pred + 1, dtype=bool)
+    touching[np.unique(pred_labels[pred & truth])] = True
+    if n_true:
+        distance = ndimage.distance_transform_edt(~truth, sampling=spacing)  # mm to the nearest lesion voxel
+        nearest = ndimage.minimum(distance, pred_labels, index=np.arange(1, n_pred + 1)) if n_pred else []
+        near = np.concatenate([[False], np.asarray(nearest, dtype=np.float64) <= fp_distance_mm])
+    else:
+        near = np.zeros(n_pred + 1, dtype=bool)
+    false = ~touching & ~near
+    false[0] = False
+    return LesionMatch(
+        lesion_mm3=lesion_mm3, detected=detected, pred_components=int(n_pred), fp_components=int(false.sum()),
+        near_components=int((~touching & near)[1:].sum()), fp_ml=float(sizes[false].sum()) * ml,
+        pred_ml=float(pred.sum()) * ml,
+    )  # fmt: skip
+
+
+def lesion_detection_summary(matches: Sequence[LesionMatch], bins: dict[str, tuple[float, float]] | None = None) -> dict:
+    """Cohort figures from the :func:`match_lesions` of its cases (a healthy case: one without any lesion).
+
+    Returns:
+        ``{"bins": {name: {"lesions", "detected", "rate"}}, "cases", "healthy_cases", "fp_components_per_case",
+        "fp_ml_per_case", "max_fp_components", "fp_components_per_healthy_case", "fp_ml_per_healthy_case",
+        "max_healthy_ml", "near_components_per_case"}``: per volume bin (default :data:`DETECTION_BINS_MM3`,
+        [low, high) mm^3) the lesions, how many were detected and the rate (NaN for an empty bin); false
+        positives averaged over the cases with lesions and, apart, over the healthy cases (where they are the
+        whole prediction), with the largest per case; NaN where there is no such case.
+    """
+    bins = DETECTION_BINS_MM3 if bins is None else bins
+    volumes = np.concatenate([m.lesion_mm3 for m in matches]) if matches else np.zeros(0)
+    detected = np.concatenate([m.detected for m in matches]) if matches else np.zeros(0, dtype=bool)
+    table = {}
+    for name, (low, high) in bins.items():
+        inside = (volumes >= low) & (volumes < high)
+        n, k = int(inside.sum()), int(detected[inside].sum())
+        table[name] = {"lesions": n, "detected": k, "rate": k / n if n else math.nan}
+    ill = [m for m in matches if m.lesion_mm3.size]
+    healthy = [m for m in matches if not m.lesion_mm3.size]
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values)) if values else math.nan
+
+    return {
+        "bins": table, "cases": len(ill), "healthy_cases": len(healthy),
+        "fp_components_per_case": mean([m.fp_components for m in ill]),
+        "fp_ml_per_case": mean([m.fp_ml for m in ill]),
+        "max_fp_components": max((m.fp_components for m in ill), default=math.nan),
+        "near_components_per_case": mean([m.near_components for m in ill]),
+        "fp_components_per_healthy_case": mean([m.fp_components for m in healthy]),
+        "fp_ml_per_healthy_case": mean([m.fp_ml for m in healthy]),
+        "max_healthy_ml": max((m.fp_ml for m in healthy), default=math.nan),
+    }  # fmt: skip
+
+
 def _crop(*masks: np.ndarray, margin: int = 1) -> tuple[np.ndarray, ...]:
     """The masks cut to the bounding box of their union, with ``margin`` empty voxels added on every side."""
     union = np.logical_or.reduce(masks)

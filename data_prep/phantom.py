@@ -10,8 +10,8 @@ Rician noise. Lesions are drawn in the case's own space:
   oedema (2) that spreads along white matter, on FLAIR, T1, T1ce and T2, 240 x 240 x 155 at 1 mm,
   stored the way BraTS21 ships them (LPS voxel order, int16).
   Besides tumours (``tumour``), a ``brats`` lesion case can carry MS-like plaques (``ms``: 3 to 15
-  small ovoid T2/FLAIR-hyperintense lesions, periventricular, juxtacortical or in deep white
-  matter, some enhancing) or low-contrast infiltrative regions (``infiltrative``: 1 or 2 diffuse
+  small ovoid T2/FLAIR-hyperintense lesions of 30 to 1,500 mm^3, periventricular, juxtacortical or
+  in deep white matter, some enhancing) or low-contrast infiltrative regions (``infiltrative``: 1 or 2 diffuse
   5 to 40 ml regions with soft borders, ground truth where the lesion weight reaches 0.5), both
   label 2. ``generate_cohort(lesions=...)`` picks the mix (default: all three, one kind per case).
 * ``atlas``: chronic stroke lesions (T1-hypointense cavity with a gliotic rim, cortical and
@@ -58,6 +58,8 @@ LESION_METADATA = "phantom_lesions.json"
 MS_CONTRAST = {"flair": (0.70, 0.90), "t2": (0.75, 0.90), "t1": (0.60, 0.95)}
 MS_ENHANCING = (1.00, 1.12)  # T1ce of an enhancing plaque (whole or rim)
 MS_ENHANCING_FRACTION = 0.3
+MS_VOLUME_MM3 = (30.0, 1500.0)
+"""Range of an MS-like plaque's ground-truth volume (mm^3, 1 mm voxels), drawn log-uniform per plaque (issue 27)."""
 # Infiltrative regions: relative signal change over the underlying tissue, (low, high) per channel.
 INFILTRATIVE_CHANGE = {"flair": (0.15, 0.25), "t2": (0.10, 0.20), "t1": (-0.10, -0.05), "t1ce": (-0.10, -0.05)}
 
@@ -136,6 +138,7 @@ class Lesion:
     axes: np.ndarray  # (3, 3) random ellipsoid stretch
     extent: float = 1.0  # oedema reach relative to the tumour radius (brats)
     kind: str = "tumour"
+    volume_mm3: float = 0.0  # target ground-truth volume (ms: the plaque is grown to it)
 
 
 def parse_lesions(layout: str, lesions: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -270,14 +273,20 @@ class PhantomCase:
         return lesions
 
     def _pick_ms(self, m: np.ndarray, b: np.ndarray) -> list[Lesion]:
-        """3 to 15 small ovoid plaques (3 to 15 mm across) in periventricular, juxtacortical or deep WM."""
+        """3 to 15 small ovoid plaques (:data:`MS_VOLUME_MM3`, log-uniform) in periventricular, juxtacortical or deep WM.
+
+        Each :class:`Lesion` carries its target ``volume_mm3``; :meth:`_ms_plaques` grows the plaque to
+        that many voxels (fewer where CSF, grey matter or a neighbour leaves too little room).
+        """
         t = self.template
         pools = _ms_candidates()
         minv = np.linalg.inv(m)
         lesions: list[Lesion] = []
+        low, high = MS_VOLUME_MM3
         for _ in range(self.n_lesions):
-            # Mostly small plaques: diameters log-uniform in [3, 15] mm.
-            radius = 0.5 * math.exp(self.rng.uniform(math.log(3.0), math.log(15.0)))
+            # Mostly small plaques: volumes log-uniform in [30, 1500] mm^3 (3.9 to 14.2 mm across as spheres).
+            volume = math.exp(self.rng.uniform(math.log(low), math.log(high)))
+            radius = (3.0 * volume / (4.0 * math.pi)) ** (1.0 / 3.0)
             site = self.rng.choice(["periventricular", "juxtacortical", "deep"], p=[0.45, 0.35, 0.2])
             for _attempt in range(20):  # keep plaques apart, so each stays its own component
                 ijk = pools[site][self.rng.integers(len(pools[site]))]
@@ -289,7 +298,7 @@ class PhantomCase:
             # Ovoid: one axis up to 1.8x longer than the others (Dawson's fingers, roughly).
             stretch = np.array([self.rng.uniform(0.55, 0.9), self.rng.uniform(0.9, 1.1), self.rng.uniform(0.9, 1.1)])
             axes = np.diag(stretch / np.cbrt(np.prod(stretch))) @ _rotation(self.rng.uniform(-90, 90, size=3))
-            lesions.append(Lesion(centre=centre, radius=radius, axes=axes, kind="ms"))
+            lesions.append(Lesion(centre=centre, radius=radius, axes=axes, kind="ms", volume_mm3=volume))
         return lesions
 
     def _pick_infiltrative(self, m: np.ndarray, b: np.ndarray) -> list[Lesion]:
@@ -343,9 +352,15 @@ class PhantomCase:
             win = self._window(lesion.centre, 1.6 * lesion.radius / 0.75 + 4)
             level = self._local_level(world[win], lesion, 0.15, 4.0)
             level = level - 0.35 * (tissue[0][win] - 0.5)  # plaques keep to white matter
-            member = (level < 1.0) & brain[win] & (tissue[2][win] < 0.5) & ~mask[win]
-            if not member.any():
+            allowed = brain[win] & (tissue[2][win] < 0.5) & ~mask[win]
+            # Grow the plaque to its drawn volume: the lowest-level allowed voxels, as many as the
+            # target (1 mm voxels), but never past 1.5 x its nominal border.
+            levels = level[allowed]
+            if levels.numel() == 0:
                 continue
+            target = max(1, int(round(lesion.volume_mm3)))
+            cut = min(float(torch.kthvalue(levels, min(target, levels.numel())).values), 1.5)
+            member = (level <= cut) & allowed
             components, n = label(member.numpy())
             if n > 1:  # one plaque, one component
                 sizes = np.bincount(components.ravel())[1:]
@@ -415,7 +430,7 @@ class PhantomCase:
         # Elastic deformation (~3 mm) and mass effect push the anatomy away from tumour centres.
         displacement = torch.stack([_smooth_noise(self.shape, 6, self.rng) for _ in range(3)], dim=-1) * 2.5
         for lesion in lesions:
-            if self.layout != "brats":
+            if self.layout != "brats" or lesion.kind == "ms":  # MS plaques push nothing aside
                 continue
             offset = world - torch.from_numpy(lesion.centre.astype(np.float32))
             dist = offset.norm(dim=-1, keepdim=True).clamp_min(1e-3)

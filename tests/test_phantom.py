@@ -68,7 +68,7 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 from scipy.ndimage import label as connected_components  # noqa: E402
 
-from data_prep.phantom import load_lesion_metadata, parse_lesions  # noqa: E402
+from data_prep.phantom import MS_VOLUME_MM3, load_lesion_metadata, parse_lesions  # noqa: E402
 
 KIND_CASES = {"tumour": 2, "ms": 10, "infiltrative": 2}
 
@@ -110,6 +110,11 @@ def test_ms_plaques_small_ovoid_in_white_matter(kind_cases):
     sizes = np.bincount(components.ravel())[1:]
     diameters = (6.0 * sizes / np.pi) ** (1.0 / 3.0)  # 1 mm voxels
     assert diameters.min() >= 1.5 and diameters.max() <= 17.0, diameters
+    # issue 27: each plaque is grown to its drawn volume (log-uniform 30-1,500 mm^3), small ones included
+    low, high = MS_VOLUME_MM3
+    assert sizes.max() <= high and (sizes >= low).mean() >= 0.8, sizes
+    assert (sizes < 100).any(), sizes
+    assert sorted(sizes.tolist()) == sorted(round(info["volume_ml"] * 1000) for info in phantom.lesion_info)
 
 
 def test_infiltrative_has_soft_borders(kind_cases):

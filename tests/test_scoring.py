@@ -21,6 +21,8 @@ from anofpdm_monai.scoring import (
     CASE_COLUMNS,
     hd95,
     lesion_detection,
+    lesion_detection_summary,
+    match_lesions,
     pair_masks,
     score_case,
     voxel_spacing,
@@ -126,6 +128,64 @@ def test_lesion_wise_counts_on_a_hand_built_example():
     assert counts.f1 == pytest.approx(2 / (2 + (1 + 1) / 2))
     # the rule is 26-connectivity: with faces only, the pair would be two lesions and one of them missed
     assert ndimage.label(truth)[1] == 4
+
+
+def test_match_lesions_counts_detections_slivers_and_false_positives():
+    """Issue 27's lesion-wise rule on a 1 mm grid: a 64 mm^3 cube found, a 512 mm^3 cube missed with a voxel
+    2 mm from its face (a sliver, not a false positive), and two components far from both (false positives)."""
+    iso = np.eye(4)
+    truth, pred = np.zeros((20, 20, 20), bool), np.zeros((20, 20, 20), bool)
+    truth[1:5, 1:5, 1:5] = True  # 64 mm^3
+    truth[10:18, 10:18, 10:18] = True  # 512 mm^3
+    pred[3:6, 3:6, 3:6] = True  # overlaps the small cube
+    pred[8, 12, 12] = True  # 2 mm from the big cube's face: near, not false
+    pred[0:2, 18:20, 0:2] = True  # 8 voxels far from both
+    pred[19, 0, 19] = True  # 1 voxel far from both
+    match = match_lesions(pred, truth, iso)
+    assert match.lesion_mm3.tolist() == [64.0, 512.0]
+    assert match.detected.tolist() == [True, False]
+    assert (match.pred_components, match.fp_components, match.near_components) == (4, 2, 1)
+    assert match.fp_ml == pytest.approx(0.009) and match.pred_ml == pytest.approx(0.037)
+    # one voxel further out, the sliver is a false positive; a tighter distance does the same
+    assert match_lesions(pred, truth, iso, fp_distance_mm=1.9).fp_components == 3
+    pred[8, 12, 12], pred[7, 12, 12] = False, True
+    assert (match_lesions(pred, truth, iso).fp_components, match_lesions(pred, truth, iso).near_components) == (3, 0)
+
+
+def test_match_lesions_uses_the_affine_voxel_sizes():
+    """On AFFINE (voxel sizes 2.0, 0.5, 1.5 mm along the array axes): one step along axis 0 is 2 mm (near), two
+    steps along axis 2 are 3 mm (false); volumes are voxels x 1.5 mm^3."""
+    truth = empty()
+    truth[6:8, 6:8, 4:6] = True  # 8 voxels = 12 mm^3
+    near, far = empty(), empty()
+    near[5, 6, 4] = True
+    far[6, 6, 7] = True
+    assert match_lesions(near, truth, AFFINE).lesion_mm3.tolist() == [pytest.approx(12.0)]
+    assert (match_lesions(near, truth, AFFINE).fp_components, match_lesions(near, truth, AFFINE).near_components) == (0, 1)
+    assert match_lesions(far, truth, AFFINE).fp_components == 1
+    assert match_lesions(far, truth, AFFINE).fp_ml == pytest.approx(0.0015)
+
+
+def test_lesion_detection_summary_bins_and_healthy_cases():
+    iso = np.eye(4)
+    truth, pred = np.zeros((20, 20, 20), bool), np.zeros((20, 20, 20), bool)
+    truth[1:5, 1:5, 1:5] = True  # 64 mm^3, found
+    truth[10:18, 10:18, 10:18] = True  # 512 mm^3, missed
+    pred[3:6, 3:6, 3:6] = pred[0:2, 18:20, 0:2] = True  # one hit, one false positive of 8 voxels
+    healthy_pred = np.zeros((20, 20, 20), bool)
+    healthy_pred[2:4, 2:4, 2:4] = healthy_pred[15, 15, 15] = True  # 9 voxels in 2 components, all false
+    matches = [match_lesions(pred, truth, iso), match_lesions(healthy_pred, np.zeros_like(truth), iso),
+               match_lesions(np.zeros_like(truth), np.zeros_like(truth), iso)]  # fmt: skip
+    summary = lesion_detection_summary(matches)
+    bins = summary["bins"]
+    assert bins["<100"] == {"lesions": 1, "detected": 1, "rate": 1.0}
+    assert bins["500-1500"] == {"lesions": 1, "detected": 0, "rate": 0.0}
+    assert bins["100-500"]["lesions"] == 0 and math.isnan(bins["100-500"]["rate"])
+    assert (summary["cases"], summary["healthy_cases"]) == (1, 2)
+    assert (summary["fp_components_per_case"], summary["max_fp_components"]) == (1.0, 1)
+    assert summary["fp_ml_per_case"] == pytest.approx(0.008)
+    assert summary["fp_components_per_healthy_case"] == 1.0  # 2 and 0
+    assert summary["fp_ml_per_healthy_case"] == pytest.approx(0.0045) and summary["max_healthy_ml"] == pytest.approx(0.009)
 
 
 def test_lesion_wise_edge_cases():
