@@ -327,15 +327,42 @@ def lesion_detection(pred: np.ndarray, truth: np.ndarray, connectivity: int = 26
         :class:`LesionCounts`: a true lesion sharing a voxel with the prediction is a TP, else a
         FN; a predicted component sharing no voxel with the label is a FP.
     """
+    pair = _component_pair(pred, truth, connectivity)
+    tp, touching = int(pair.detected[1:].sum()), int(pair.touching[1:].sum())
+    return LesionCounts(pair.n_true, pair.n_pred, tp=tp, fn=pair.n_true - tp, fp=pair.n_pred - touching)
+
+
+@dataclass(frozen=True)
+class _ComponentPair:
+    """The connected components of a prediction and a label on one grid, and which of them overlap.
+
+    Attributes:
+        true_labels, pred_labels: (X, Y, Z) component numbers (0: background).
+        n_true, n_pred: component counts.
+        detected: (n_true + 1,) bool, the true component shares a voxel with the prediction (index 0 False).
+        touching: (n_pred + 1,) bool, the predicted component shares a voxel with the label (index 0 False).
+    """
+
+    true_labels: np.ndarray
+    pred_labels: np.ndarray
+    n_true: int
+    n_pred: int
+    detected: np.ndarray
+    touching: np.ndarray
+
+
+def _component_pair(pred: np.ndarray, truth: np.ndarray, connectivity: int) -> _ComponentPair:
+    """Components of (X, Y, Z) ``pred`` and ``truth`` and their overlaps (shared by the lesion-wise scores)."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred and truth must have one shape, got {pred.shape} and {truth.shape}")
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise ValueError(f"pred and truth must be (X, Y, Z) of one shape, got {pred.shape} and {truth.shape}")
     true_labels, n_true = components(truth, connectivity)
     pred_labels, n_pred = components(pred, connectivity)
-    detected = np.unique(true_labels[pred & truth])  # true components touched by the prediction
-    touching = np.unique(pred_labels[pred & truth])  # predicted components touching the label
-    tp = int(np.count_nonzero(detected))
-    return LesionCounts(n_true, n_pred, tp=tp, fn=n_true - tp, fp=n_pred - int(np.count_nonzero(touching)))
+    detected, touching = np.zeros(n_true + 1, dtype=bool), np.zeros(n_pred + 1, dtype=bool)
+    detected[np.unique(true_labels[pred & truth])] = True
+    touching[np.unique(pred_labels[pred & truth])] = True
+    detected[0] = touching[0] = False
+    return _ComponentPair(true_labels, pred_labels, int(n_true), int(n_pred), detected, touching)
 
 
 FP_DISTANCE_MM = 2.0
@@ -390,30 +417,22 @@ def match_lesions(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray, fp_di
         fp_distance_mm: see above (default :data:`FP_DISTANCE_MM`).
         connectivity: 26 (default), 18 or 6, for both masks.
     """
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    if pred.shape != truth.shape or pred.ndim != 3:
-        raise ValueError(f"pred and truth must be (X, Y, Z) of one shape, got {pred.shape} and {truth.shape}")
+    pair = _component_pair(pred, truth, connectivity)
     spacing, ml = voxel_spacing(affine), voxel_ml(affine)
-    true_labels, n_true = components(truth, connectivity)
-    lesion_mm3 = np.bincount(true_labels.ravel(), minlength=n_true + 1)[1:] * ml * 1000.0
-    detected = np.zeros(n_true, dtype=bool)
-    detected[np.unique(true_labels[pred & truth]) - 1] = True
-    pred_labels, n_pred = components(pred, connectivity)
-    sizes = np.bincount(pred_labels.ravel(), minlength=n_pred + 1)
-    touching = np.zeros(n_pred + 1, dtype=bool)
-    touching[np.unique(pred_labels[pred & truth])] = True
-    if n_true:
-        distance = ndimage.distance_transform_edt(~truth, sampling=spacing)  # mm to the nearest lesion voxel
-        nearest = ndimage.minimum(distance, pred_labels, index=np.arange(1, n_pred + 1)) if n_pred else []
-        near = np.concatenate([[False], np.asarray(nearest, dtype=np.float64) <= fp_distance_mm])
-    else:
-        near = np.zeros(n_pred + 1, dtype=bool)
-    false = ~touching & ~near
+    n_true, n_pred = pair.n_true, pair.n_pred
+    lesion_mm3 = np.bincount(pair.true_labels.ravel(), minlength=n_true + 1)[1:] * ml * 1000.0
+    sizes = np.bincount(pair.pred_labels.ravel(), minlength=n_pred + 1)
+    near = np.zeros(n_pred + 1, dtype=bool)
+    if n_true and n_pred:
+        distance = ndimage.distance_transform_edt(pair.true_labels == 0, sampling=spacing)  # mm to the nearest lesion voxel
+        nearest = ndimage.minimum(distance, pair.pred_labels, index=np.arange(1, n_pred + 1))
+        near[1:] = np.asarray(nearest, dtype=np.float64) <= fp_distance_mm
+    false = ~pair.touching & ~near
     false[0] = False
     return LesionMatch(
-        lesion_mm3=lesion_mm3, detected=detected, pred_components=int(n_pred), fp_components=int(false.sum()),
-        near_components=int((~touching & near)[1:].sum()), fp_ml=float(sizes[false].sum()) * ml,
-        pred_ml=float(pred.sum()) * ml,
+        lesion_mm3=lesion_mm3, detected=pair.detected[1:], pred_components=n_pred, fp_components=int(false.sum()),
+        near_components=int((~pair.touching & near)[1:].sum()), fp_ml=float(sizes[false].sum()) * ml,
+        pred_ml=float(sizes[1:].sum()) * ml,
     )  # fmt: skip
 
 
