@@ -41,8 +41,9 @@ THRESHOLD_QUANTILES = np.linspace(0.005, 0.095, 100)
 ACCURACY_FRACTION = 0.99
 PRECISIONS_RUN = ("fp32", "bf16")  # what --precision auto resolves to
 CURVES_PER_CLASS = 3
-SCHEMA_VERSION = 2
-"""Version of ``calibration.json``: 1 (no ``schema_version`` key) had no sections registry; 2 adds the key."""
+SCHEMA_VERSION = 3
+"""Version of ``calibration.json``: 1 (no ``schema_version`` key) had no sections registry; 2 adds the key;
+3 records how the volume family's minimum lesion size was chosen (``size_rule``, ``fp_rate``, ...)."""
 
 
 def migrate(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
@@ -52,8 +53,12 @@ def migrate(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
         InputError: the file is of a newer version than this release reads (the message names both).
     """
     version = check_schema_version(data, SCHEMA_VERSION, source)
-    if version < 2:  # version 1 wrote the volume family as "volume" (null when absent), as version 2 does
-        data["schema_version"] = SCHEMA_VERSION
+    # version 1 wrote the volume family as "volume" (null when absent), as version 2 does; versions 1 and 2 chose
+    # its minimum lesion size with q by image-level accuracy and did not say so
+    volume = data.get("volume")
+    if version < 3 and isinstance(volume, dict):
+        data["volume"] = {"size_rule": "accuracy", "fp_rate": None, "fp_per_100ml": None, "healthy_ml": None, **volume}
+    data["schema_version"] = SCHEMA_VERSION
     return data
 
 

@@ -13,6 +13,7 @@ k and w; image-level labels only. ``evaluate_cohort`` (:mod:`anofpdm_monai.evalu
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import warnings
 from collections import Counter
@@ -31,7 +32,7 @@ from anofpdm_monai.data import PreprocessedStore, assign_splits, case_done, inpu
 from anofpdm_monai.inferers import ForwardProcessInferer
 from anofpdm_monai.io import InputError, InputWarning, atomic_save_dataframe
 from anofpdm_monai.logs import get_logger, log_to_file
-from anofpdm_monai.methods import SectionContext, calibration_sections
+from anofpdm_monai.methods import DEFAULT_FP_RATE, SectionContext, calibration_sections
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, calibration_path
 from anofpdm_monai.outputs import check_store_outputs, lock_folder
 from anofpdm_monai.provenance import run_record, write_run_record
@@ -54,6 +55,8 @@ class CalibrationSettings:
         sections_only: keep the encoding's existing paper calibration and (re)make only its sections.
         seed: seed of the validation sample and the forward process.
         precision: network precision (``auto``, ``fp32``, ``bf16``).
+        fp_rate: false-positive components per 100 ml of healthy brain the volume family's minimum lesion
+            size allows on the healthy validation slices (:data:`anofpdm_monai.methods.DEFAULT_FP_RATE`).
     """
 
     w_grid: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -66,6 +69,7 @@ class CalibrationSettings:
     sections_only: bool = False
     seed: int = 0
     precision: str = "auto"
+    fp_rate: float = DEFAULT_FP_RATE
 
 
 @dataclass
@@ -103,6 +107,9 @@ def calibrate_model(model: AnoFPDMModel, data: str | Path, settings: Calibration
     alphas_cumprod = model.alphas_cumprod.to(device)
     out = calibration_path(model.folder, settings.encoding)
     curves: list[DivergenceCurve] = []
+    if not (math.isfinite(settings.fp_rate) and settings.fp_rate >= 0):
+        raise InputError(f"fp_rate={settings.fp_rate}: give false-positive components per 100 ml of brain as a number >= 0, "
+                         f"e.g. {DEFAULT_FP_RATE}", arguments="fp_rate")  # fmt: skip
     if settings.sections_only:
         if settings.section_cases < 1:
             raise InputError(f"sections_only needs section_cases >= 1, got {settings.section_cases}", arguments=("sections_only", "section_cases"))
@@ -121,7 +128,7 @@ def calibrate_model(model: AnoFPDMModel, data: str | Path, settings: Calibration
             log.info(f"  N={budget}: " + ", ".join(f"w={w:g}: {a:.3f}" for w, a in zip(calibration.w_grid, row)))
     if settings.section_cases > 0:
         engine = ForwardProcessInferer(predict_eps, alphas_cumprod, calibration, batch_size=settings.batch_size, seed=settings.seed, device=device)
-        context = SectionContext(engine.forward_process, store, settings.section_cases, settings.seed, calibration)
+        context = SectionContext(engine.forward_process, store, settings.section_cases, settings.seed, calibration, settings.fp_rate)
         for name, section in calibration_sections().items():
             if section.calibrate is not None:
                 calibration.sections[name] = section.calibrate(context)

@@ -58,7 +58,7 @@ from anofpdm_monai.networks import HEALTHY, UNHEALTHY
 from anofpdm_monai.outputs import case_record, check_segment_outputs, finished, lock_folder
 from anofpdm_monai.provenance import check_continuation, inference_settings, run_record, write_run_record
 from anofpdm_monai.readers import LESION_LABELS, brain_mask_file, detect_layout, read_cases
-from anofpdm_monai.scoring import read_mask
+from anofpdm_monai.scoring import LesionMatch, lesion_detection_summary, match_lesions, read_mask
 from anofpdm_monai.segmentation import mixed_setup_masks
 from anofpdm_monai.transforms import CaseGeometry, slices_to_volume
 from anofpdm_monai.tuning import (
@@ -228,6 +228,7 @@ class CohortEvaluator:
         if case.voxel_mm is not None:
             arrays["voxel_mm"] = np.asarray(case.voxel_mm, dtype=np.float64)  # volumes in ml (the report)
         facts: dict[str, dict] = {m: {"direction": self.polarity} for m, e in self.entries.items() if isinstance(e, ThresholdMethod)}
+        input_masks: dict[str, np.ndarray] = {}  # the mixed masks on the input grid (raw cohorts), as segment writes them
         for encoding, inferer in self.slice_inferers.items():
             start = time.perf_counter()
             outputs = inferer(case.images, case.case_id, case.slice_indices, case.voxel_mm)
@@ -250,22 +251,25 @@ class CohortEvaluator:
                 arrays[f"{method}/divergence"] = out.divergence.numpy().astype(np.float32)
                 arrays[f"{method}/timesteps"] = out.timesteps.numpy()
                 facts[method] = {"seconds": seconds, "calls": out.network_calls}
+                if case.geometry is not None:
+                    input_masks[method] = inferer.input_grid_mask(entry.variant, out, case.geometry, "mixed")
         for method, entry in self.entries.items():
             if isinstance(entry, ReconstructionMethod) and method in self.tuned:
                 more, facts[method] = self.reconstruction_arrays(method, case)
                 arrays.update(more)
-        self.write_outputs(case, arrays)
-        native = self.native_dice(case, arrays)
-        for method, value in native.items():
-            facts[method]["dice_3d_native"] = value
+        self.write_outputs(case, arrays, input_masks)
+        for method, scores in self.native_scores(case, arrays, input_masks).items():
+            facts[method].update(scores)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, facts=np.array(json_text(facts, indent=None)), **arrays)
         return atomic_write_bytes(self.case_file(case.case_id), buffer.getvalue())
 
-    def write_outputs(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> None:
+    def write_outputs(self, case: EvalCase, arrays: dict[str, np.ndarray], input_masks: dict[str, np.ndarray]) -> None:
         """Write mask, map and overlay of the first AnoFPDM method (raw cohorts, when ``outputs_dir`` is set).
 
-        The mask is the mixed-setup one, as ``segment`` writes it (same writer, same files).
+        The mask is the mixed-setup one on the input grid (``input_masks``, from
+        :meth:`~anofpdm_monai.inferers.ForwardProcessInferer.input_grid_mask`), as ``segment`` writes it
+        (same writer, same files).
         """
         method = next((m for m, e in self.entries.items() if isinstance(e, AnoFPDMMethod)), None)
         if self.outputs_dir is None or case.geometry is None or method is None:
@@ -278,26 +282,33 @@ class CohortEvaluator:
         def png(path: Path) -> Path:
             return save_overlay(case.images, maps, masks, path, truth=case.masks, slice_indices=case.slice_indices.tolist())
 
-        mask = slices_to_volume(masks.float(), case.geometry, "mask")
         anomaly = slices_to_volume(maps, case.geometry, "map")
-        write_segmentation(self.outputs_dir, case.case_id, case.geometry.reference, mask, anomaly, png)
+        write_segmentation(self.outputs_dir, case.case_id, case.geometry.reference, input_masks[method], anomaly, png)
 
-    def native_dice(self, case: EvalCase, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        """3-D DICE on the input's own grid (raw cohorts only: needs the geometry and the lesion file).
+    def native_scores(self, case: EvalCase, arrays: dict[str, np.ndarray], input_masks: dict[str, np.ndarray]) -> dict[str, dict]:
+        """Scores on the input's own grid (raw cohorts only: needs the geometry and the lesion file).
 
-        Of each method's output masks (the mixed-setup ones, as ``segment`` and :meth:`write_outputs`
-        write them) against the lesion file binarised (> 0): the reading and the DICE of ``anofpdm
-        score`` (:func:`~anofpdm_monai.scoring.read_mask`, :func:`~anofpdm_monai.metrics.volume_dice`).
+        Of each method's output mask (the mixed-setup one, as ``segment`` and :meth:`write_outputs` write
+        it) against the lesion file binarised (> 0), read as ``anofpdm score`` reads it
+        (:func:`~anofpdm_monai.scoring.read_mask`): ``dice_3d_native``
+        (:func:`~anofpdm_monai.metrics.volume_dice`) and, for a case evaluated whole, ``lesions``
+        (:func:`~anofpdm_monai.scoring.match_lesions`, as a dict) for the lesion-wise summary.
         """
         if case.geometry is None or case.label_path is None:
             return {}
-        truth, _ = read_mask(case.label_path)
+        truth, label_image = read_mask(case.label_path)
         out = {}
         for method in self.methods:
             key = f"{method}/mixed_masks" if f"{method}/mixed_masks" in arrays else f"{method}/masks"
-            if key in arrays:
-                mask = slices_to_volume(torch.from_numpy(arrays[key]).float(), case.geometry, "mask")
-                out[method] = volume_dice(mask.astype(bool), truth)
+            if method in input_masks:
+                mask = input_masks[method].astype(bool)
+            elif key in arrays:  # the baselines' slice masks
+                mask = slices_to_volume(torch.from_numpy(arrays[key]).float(), case.geometry, "mask").astype(bool)
+            else:
+                continue
+            out[method] = {"dice_3d_native": volume_dice(mask, truth)}
+            if case.whole_volume:
+                out[method]["lesions"] = match_lesions(mask, truth, label_image.affine).to_dict()
         return out
 
 
@@ -384,6 +395,9 @@ def merge_results(results_dir: str | Path, case_ids: Sequence[str], methods: Seq
         else:
             rows[method] = empty_threshold_row(rows, sum(len(a["truth"]) for a, _ in loaded.values()))
     for method, row in rows.items():
+        matches = [facts[method]["lesions"] for _, facts in loaded.values() if "lesions" in facts.get(method, {})]
+        if matches and len(matches) == len(loaded):  # every case scored lesion by lesion on its input grid
+            row["lesion_detection"] = lesion_detection_summary([LesionMatch.from_dict(m) for m in matches])
         row["undefined"] = undefined_reasons(row)
     atomic_write_json(results_dir / "summary.json", rows)
     atomic_write_text(results_dir / "summary.md", summary_markdown(rows) + undefined_note(rows))

@@ -20,7 +20,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import Inferer
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from anofpdm_monai.calibration import Calibration
@@ -30,8 +29,8 @@ from anofpdm_monai.io import InputError, check_case_id, save_like
 from anofpdm_monai.methods import Decision, get_decision
 from anofpdm_monai.outputs import case_record, segment_outputs
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings, calibration_path
-from anofpdm_monai.segmentation import SegmentationResult, VolumeInputs
-from anofpdm_monai.transforms import PreprocessedCase, preprocess_with, slices_to_volume
+from anofpdm_monai.segmentation import SegmentationResult, VolumeInputs, keep_components
+from anofpdm_monai.transforms import CaseGeometry, PreprocessedCase, preprocess_with, slices_to_volume
 
 def decision_section(calibration: Calibration, decision: Decision, source: str | Path):
     """The typed calibration section a decision reads (None when it reads none); an InputError saying how
@@ -205,6 +204,31 @@ class ForwardProcessInferer(Inferer):
         decided = self.decisions[variant].decide(result, volume, self.calibration, self.sections[variant], self.setup)
         return decided.cpu(network_calls=result.network_calls)
 
+    def input_grid_mask(self, variant: str, slices: SegmentationResult, geometry: CaseGeometry, setup: str = "mixed") -> np.ndarray:
+        """One variant's mask on the case's input grid: the one place a decision's mask leaves the slices.
+
+        A decision with an ``input_mask`` hook (the volume family) decides there from the upsampled map;
+        the others' slice masks (``slices.mixed_masks`` in the mixed setup, ``slices.masks`` in this
+        inferer's own setup) go back through the inverse of the chain
+        (:func:`~anofpdm_monai.transforms.slices_to_volume`).
+
+        Args:
+            variant: one of this inferer's variants.
+            slices: its per-slice outputs on the case ((B, S, S) maps and masks, (B,) health).
+            geometry: the case's :class:`~anofpdm_monai.transforms.CaseGeometry`.
+            setup: ``"mixed"`` or this inferer's own setup.
+
+        Returns:
+            (X, Y, Z) uint8 0/1 on the input grid.
+        """
+        decision = self.decisions[variant]
+        if decision.input_mask is not None:
+            return decision.input_mask(slices, geometry, self.sections[variant], setup)
+        if setup not in ("mixed", self.setup):
+            raise ValueError(f"setup={setup!r}: this inferer decides 'mixed' and {self.setup!r} masks only")
+        masks = slices.mixed_masks if setup == "mixed" else slices.masks
+        return slices_to_volume(masks.float(), geometry, "mask")
+
     def __call__(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
@@ -354,9 +378,9 @@ class VolumeInferer(Inferer):
 
     def to_volume(self, case: PreprocessedCase, slices: SegmentationResult, seconds: float = 0.0) -> VolumeResult:
         """Map one case's per-slice outputs back onto its input grid (3-D post-processing included)."""
-        mask = slices_to_volume(slices.masks.float(), case.geometry, "mask")
+        mask = self.slice_inferer.input_grid_mask(self.settings.variant, slices, case.geometry, self.slice_inferer.setup)
         if self.settings.keep_3d_components > 0:
-            mask = remove_small_3d_components(mask, self.settings.keep_3d_components)
+            mask = keep_components(mask, self.settings.keep_3d_components, unit="voxels")
         anomaly = slices_to_volume(slices.maps, case.geometry, "map")
         return VolumeResult(case, slices, mask, anomaly, seconds)
 
@@ -425,14 +449,3 @@ def write_segmentation(
             path.unlink(missing_ok=True)
         raise
     return written if record is None else [*written, paths["record"]]
-
-
-def remove_small_3d_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-    """Drop 26-connected components of a (X, Y, Z) mask with fewer than ``min_voxels`` voxels."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_voxels
-    keep[0] = False
-    return keep[labels].astype(mask.dtype)

@@ -37,6 +37,9 @@ from anofpdm_monai.io import InputError
 
 KINDS = ("anofpdm", "reconstruction", "threshold")
 SETUPS = ("mixed", "unhealthy")
+DEFAULT_FP_RATE = 0.1
+"""False-positive components per 100 ml of healthy brain the volume family's minimum lesion size allows on the
+healthy validation slices (about one per adult brain of 1,000 to 1,400 ml); ``anofpdm calibrate --fp-rate``."""
 COMPONENTS_FOLDER = "baselines"  # MODEL/baselines/NAME/: the components of a model folder (anofpdm_monai.components)
 # Modules whose import registers methods, decisions and calibration sections (in this order).
 METHOD_MODULES = ("anofpdm_monai.segmentation", "anofpdm_monai.volume_mode", "anofpdm_monai.baselines", "anofpdm_monai.comparison")
@@ -81,6 +84,8 @@ class SectionContext:
         cases: how many whole validation patients the hook may run.
         seed: seed of the hook's choice of patients.
         calibration: the encoding's paper calibration (:class:`anofpdm_monai.calibration.Calibration`).
+        fp_rate: false-positive components per 100 ml of healthy brain a section's minimum lesion size may
+            leave on the healthy validation slices (the volume family's size rule; ``anofpdm calibrate --fp-rate``).
     """
 
     forward: Callable[..., Any]
@@ -88,6 +93,7 @@ class SectionContext:
     cases: int
     seed: int
     calibration: Any
+    fp_rate: float = DEFAULT_FP_RATE
 
 
 @dataclass(frozen=True)
@@ -103,12 +109,17 @@ class Decision:
             calibration section (None when ``section`` is None), ``setup`` ``"mixed"`` or ``"unhealthy"``.
         section: the :class:`CalibrationSection` the decision reads, or None (the paper's fields only).
         needs_volume: whether ``decide`` needs the volume's brain pixels, slice indices and voxel size.
+        input_mask: ``(slices, geometry, section, setup) -> (X, Y, Z) uint8``: the mask on the input grid from
+            the decision's :class:`~anofpdm_monai.segmentation.SegmentationResult` and the case's
+            :class:`~anofpdm_monai.transforms.CaseGeometry`; None brings the slice masks back
+            (:func:`~anofpdm_monai.transforms.slices_to_volume`). The volume family decides there instead.
     """
 
     name: str
     decide: Callable[..., Any]
     section: CalibrationSection | None = None
     needs_volume: bool = False
+    input_mask: Callable[..., Any] | None = None
 
 
 DECISIONS: dict[str, Decision] = {}

@@ -25,9 +25,11 @@ lesion size filter and the cohort figure; docs/score.md has them side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,6 +399,15 @@ class LesionMatch:
     near_components: int
     fp_ml: float
     pred_ml: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able copy (the arrays as lists), read back by :meth:`from_dict`."""
+        return {**dataclasses.asdict(self), "lesion_mm3": self.lesion_mm3.tolist(), "detected": self.detected.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LesionMatch:
+        return cls(**{**data, "lesion_mm3": np.asarray(data["lesion_mm3"], dtype=np.float64),
+                      "detected": np.asarray(data["detected"], dtype=bool)})  # fmt: skip
 
 
 def match_lesions(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray, fp_distance_mm: float = FP_DISTANCE_MM,

@@ -181,37 +181,84 @@ def dynamic_threshold(
 
 
 def min_component_area(image_size: int) -> int:
-    """Largest area removed by post-processing: 40 pixels at S = 128, scaled with S^2, at least 1."""
+    """Largest area the paper's post-processing removes: 40 pixels at S = 128, scaled with S^2, at least 1.
+
+    The paper removes components of area <= this; in the terms of :func:`keep_components` (which keeps
+    components of at least ``min_size``) its smallest kept component is one pixel more.
+    """
     return max(1, round(REFERENCE_MIN_AREA * (image_size / REFERENCE_SIZE) ** 2))
 
 
-def remove_small_components(mask: torch.Tensor, max_area: int) -> torch.Tensor:
-    """Post-processing of ALGORITHM.md section 5: drop 8-connected components of area <= ``max_area``.
+SIZE_UNITS = ("voxels", "mm3")
+"""Units of a minimum component size (:func:`keep_components`): a voxel (or pixel) count, or a volume in mm^3."""
 
-    Connectivity is 8 (diagonal neighbours connect), per 2-D slice; computed on the CPU with
-    ``scipy.ndimage.label``.
+
+def label_components(mask: np.ndarray, planar: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components at full connectivity (8 in a plane, 26 in a volume), with ``scipy.ndimage.label``.
 
     Args:
-        mask: (..., S, S) bool masks.
-        max_area: components with at most this many pixels are removed (0 removes nothing).
+        mask: bool array, (..., S, S) planes when ``planar`` (each plane labelled alone, labels distinct
+            across planes), else one (X, Y, Z) volume.
 
     Returns:
-        Bool masks of the same shape and device.
+        ``(labels, sizes)``: int labels of the shape of ``mask`` (0 background) and the voxel count of each
+        label (index 0 unused).
     """
-    if max_area < 0:
-        raise ValueError(f"max_area={max_area} must be >= 0")
-    array = mask.detach().to("cpu", torch.bool).numpy().reshape(-1, *mask.shape[-2:])
-    kept = np.zeros_like(array)
-    structure = np.ones((3, 3), dtype=bool)
-    for i, plane in enumerate(array):
-        labels, count = ndimage.label(plane, structure=structure)
-        if count == 0:
-            continue
-        areas = np.bincount(labels.ravel())
-        large = areas > max_area
-        large[0] = False
-        kept[i] = large[labels]
-    return torch.from_numpy(kept.reshape(mask.shape)).to(mask.device)
+    mask = np.asarray(mask, dtype=bool)
+    if not planar:
+        if mask.ndim != 3:
+            raise ValueError(f"a volume mask must be 3-D (X, Y, Z), got shape {mask.shape}")
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        return labels, np.bincount(labels.ravel())
+    planes = mask.reshape(-1, *mask.shape[-2:])
+    labels = np.zeros(planes.shape, dtype=np.int64)
+    offset, structure = 0, np.ones((3, 3), dtype=bool)
+    for i, plane in enumerate(planes):
+        plane_labels, count = ndimage.label(plane, structure=structure)
+        labels[i] = np.where(plane_labels > 0, plane_labels + offset, 0)
+        offset += count
+    return labels.reshape(mask.shape), np.bincount(labels.ravel(), minlength=offset + 1)
+
+
+def keep_components(mask: ArrayOrTensor, min_size: float, *, unit: str, voxel_mm3: float | None = None,
+                    planar: bool = False) -> ArrayOrTensor:  # fmt: skip
+    """The project's one connected-component filter: keep the components of at least ``min_size``, drop the others.
+
+    Components are fully connected (8 in a plane, 26 in a volume; :func:`label_components`), computed on
+    the CPU. A component's size is its voxel count (``unit="voxels"``) or that count times ``voxel_mm3``
+    (``unit="mm3"``); one of exactly ``min_size`` is kept. The paper's per-slice post-processing keeps
+    ``min_component_area(S) + 1`` pixels and more, the volume family's keeps ``min_lesion_mm3`` and more.
+
+    Args:
+        mask: bool (or 0/1) tensor or array: (..., S, S) planes when ``planar``, else one (X, Y, Z) volume.
+        min_size: smallest kept size, in ``unit``; 0 or less keeps every component.
+        unit: one of :data:`SIZE_UNITS`.
+        voxel_mm3: volume of one voxel in mm^3 (``unit="mm3"`` only).
+        planar: filter each plane of the last two axes alone.
+
+    Returns:
+        A mask of the same kind, shape, dtype (and device) as ``mask``.
+    """
+    if unit not in SIZE_UNITS:
+        raise ValueError(f"unit={unit!r} must be one of {SIZE_UNITS}")
+    if unit == "mm3" and (voxel_mm3 is None or not np.isfinite(voxel_mm3) or voxel_mm3 <= 0):
+        raise ValueError(f"voxel_mm3={voxel_mm3} must be a positive volume to size components in mm^3")
+    if unit == "voxels" and voxel_mm3 is not None:
+        raise ValueError("voxel_mm3 is for unit='mm3' only")
+    if not np.isfinite(min_size):
+        raise ValueError(f"min_size={min_size} must be finite")
+    tensor = isinstance(mask, torch.Tensor)
+    array = mask.detach().to("cpu", torch.bool).numpy() if tensor else np.asarray(mask).astype(bool)
+    if min_size <= 0 or not array.any():
+        return mask
+    labels, sizes = label_components(array, planar=planar)
+    measured = sizes * (float(voxel_mm3) if unit == "mm3" else 1.0)
+    keep = measured >= min_size
+    keep[0] = False
+    kept = keep[labels]
+    if tensor:
+        return torch.from_numpy(kept).to(device=mask.device, dtype=mask.dtype)
+    return kept.astype(mask.dtype, copy=False)
 
 
 def mixed_setup_masks(masks: ArrayOrTensor, predicted_unhealthy: ArrayOrTensor) -> ArrayOrTensor:
@@ -284,8 +331,8 @@ def decide_slices(
 
     Health decision from ``calibration.thr_01``; anomaly map from the per-channel aggregated maps
     (``variant="aggregated"``, eq. 20) or the SAM at t_e only (``variant="last"``); mask =
-    ``map >= thr`` with the dynamic threshold from ``calibration.D``; components of area <=
-    ``min_area`` removed. In the ``"mixed"`` setup a slice predicted healthy gets an all-zero mask;
+    ``map >= thr`` with the dynamic threshold from ``calibration.D``; 8-connected components of area <=
+    ``min_area`` removed (:func:`keep_components` keeping ``min_area + 1`` pixels and more). In the ``"mixed"`` setup a slice predicted healthy gets an all-zero mask;
     in the ``"unhealthy"`` setup the mask is kept whatever the classification.
 
     Args:
@@ -316,7 +363,7 @@ def decide_slices(
     quantile, threshold = dynamic_threshold(per_channel, dmax, calibration.D)
     masks = maps >= threshold[:, None, None]
     area = min_component_area(maps.shape[-1]) if min_area is None else min_area
-    masks = remove_small_components(masks, area)
+    masks = keep_components(masks, area + 1, unit="voxels", planar=True)
     mixed = mixed_setup_masks(masks, unhealthy)
     return SegmentationResult(
         maps=maps,

@@ -16,10 +16,19 @@ store's case geometry it then breaks every method down:
 * per 3-D lesion volume (26-connected truth components over consecutive slices, mm^3): the fraction
   of lesions the mixed mask touches, and false-positive components per case.
 
+``--input-grid`` evaluates the raw cohort instead of the store (the same chain, so the same slices), so
+that ``evaluate`` also scores each method's written mask lesion by lesion on the input's own grid
+(``summary.json``'s ``lesion_detection``: :func:`anofpdm_monai.scoring.match_lesions`, volume bins
+< 100, 100-500, 500-1,500, > 1,500 mm^3, false-positive components farther than 2 mm from any lesion,
+per case and per healthy case), beside the oracle intensity threshold decided on the input grid too
+(:func:`input_grid_oracle`). ``--healthy-fraction`` sets the share of lesion-free patients.
+
     python benchmarks/accuracy.py --cases 20
     python benchmarks/accuracy.py --layout atlas --model bundled-atlas --cases 20
     python benchmarks/accuracy.py --cases 4 --max-slices 40 --methods anofpdm-ddim,threshold
     python benchmarks/accuracy.py --layout atlas --cases 10 --whole-head --methods anofpdm-ddim,anofpdm-ddim-volume
+    python benchmarks/accuracy.py --lesions ms --cases 16 --healthy-fraction 0.25 --input-grid \
+        --methods anofpdm-ddim,anofpdm-ddim-volume,threshold
 
 The test cohort is drawn skull-stripped (as before whole heads existed). ``--whole-head`` draws the same
 patients (same seed, the same brains voxel for voxel) a second time as whole heads (scalp, skull, noise in
@@ -38,6 +47,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
@@ -53,6 +63,9 @@ from anofpdm_monai.model import available_methods  # noqa: E402
 from anofpdm_monai.methods import get_method  # noqa: E402
 from anofpdm_monai.metrics import PooledAUPRC, dice_iou_per_slice  # noqa: E402
 from anofpdm_monai.networks import UNHEALTHY  # noqa: E402
+from anofpdm_monai.readers import read_cases  # noqa: E402
+from anofpdm_monai.scoring import DETECTION_BINS_MM3, lesion_detection_summary, match_lesions, read_mask  # noqa: E402
+from anofpdm_monai.metrics import volume_dice  # noqa: E402
 from data_prep.phantom import generate_cohort, load_lesion_metadata, parse_lesions  # noqa: E402
 from pipelines.cli import main as cli  # noqa: E402
 
@@ -86,7 +99,8 @@ def check_kinds(raw: Path, kinds: tuple[str, ...], name: str) -> tuple[dict[str,
 def build_store(work: Path, name: str, layout: str, kinds: tuple[str, ...], cases: int, seed: int, split: str,
                 size: int, healthy: float, whole_head: bool = False) -> tuple[Path, Path]:  # fmt: skip
     """(raw cohort, preprocessed store) of a phantom cohort, reused when a previous run already built it."""
-    tag = f"{name}_{layout}_{'-'.join(kinds)}_{cases}c_seed{seed}_{size}px{'_wholehead' if whole_head else ''}"
+    share = "" if healthy == 0.2 else f"_healthy{healthy:g}"  # (0.2: the tags of the runs before the option existed)
+    tag = f"{name}_{layout}_{'-'.join(kinds)}_{cases}c_seed{seed}{share}_{size}px{'_wholehead' if whole_head else ''}"
     raw, store = work / f"{tag}_raw", work / f"{tag}_store"
     if not (store / "manifest.csv").is_file():
         generate_cohort(raw, layout, cases, healthy_fraction=healthy, seed=seed, workers=2, lesions=kinds,
@@ -244,6 +258,51 @@ def detection_table(evaluated: Evaluated, methods: list[str]) -> dict:
     }
 
 
+def input_grid_oracle(raw: Path, layout: str, channels: list[str], direction: Direction) -> dict:
+    """The oracle intensity threshold decided on the input grid, scored as ``evaluate`` scores the methods there.
+
+    Per case the map channels (e.g. FLAIR and T2) are each divided by their median over the brain (the
+    non-zero voxels: skull-stripped cohorts only) and averaged; one cohort-wide cut, the one of best pooled
+    DICE over every brain voxel of every case (:func:`~anofpdm_monai.baselines.best_threshold_dice`), is an
+    upper bound no label-free method can tune. Its masks are then scored lesion by lesion
+    (:func:`~anofpdm_monai.scoring.match_lesions`) and per case (3-D DICE) on each case's own grid.
+    """
+    cases = []
+    for record in read_cases(raw, layout):
+        images = [np.asarray(nib.load(str(record.channels[c])).dataobj, dtype=np.float32) for c in channels]
+        brain = np.logical_and.reduce([image != 0 for image in images])
+        intensity = np.mean([image / np.median(image[brain]) for image in images], axis=0)
+        truth, label_image = read_mask(record.label)
+        cases.append((intensity, brain, truth, label_image.affine))
+    values = np.concatenate([i[b] for i, b, _, _ in cases])
+    labels = np.concatenate([t[b] for _, b, t, _ in cases])
+    cut = best_threshold_dice(values, labels, direction=direction)
+    matches, dice = [], []
+    for intensity, brain, truth, affine in cases:
+        mask = apply_threshold(intensity, cut.threshold, cut.direction) & brain
+        matches.append(match_lesions(mask, truth, affine))
+        if truth.any():
+            dice.append(volume_dice(mask, truth))
+    return {"threshold": float(cut.threshold), "direction": cut.direction, "pooled_dice": float(cut.dice),
+            "case_dice_3d": float(np.mean(dice)) if dice else float("nan"),
+            "lesion_detection": lesion_detection_summary(matches)}  # fmt: skip
+
+
+def lesion_table(detection: dict[str, dict]) -> str:
+    """Lesion-wise detection on the input grid per volume bin, and false positives, one row per method."""
+    fp = ("FP comp. / patient", "max FP comp.", "FP ml / patient", "healthy: FP comp.", "healthy: ml (max)", "3-D DICE")
+    rows, counts = {}, {}
+    for method, d in detection.items():
+        rows[method] = {name: d["bins"][name]["rate"] for name in DETECTION_BINS_MM3}
+        rows[method].update(zip(fp, (d["fp_components_per_case"], d["max_fp_components"], d["fp_ml_per_case"],
+                                     d["fp_components_per_healthy_case"], d["max_healthy_ml"], d["case_dice_3d"])))  # fmt: skip
+        counts = {name: d["bins"][name]["lesions"] for name in DETECTION_BINS_MM3}
+        cases = (d["cases"], d["healthy_cases"])
+    rows["lesions"] = counts
+    return (f"### Lesion-wise on the input grid (detected = any overlap; {cases[0]} patients with lesions, {cases[1]} healthy)\n\n"
+            + markdown_table(rows, [*DETECTION_BINS_MM3, *fp], headers={b: f"{b} mm³" for b in DETECTION_BINS_MM3}))
+
+
 def tables_markdown(by_kind: dict, by_size: dict, detection: dict, kinds: tuple[str, ...], threshold: dict) -> str:
     """The three breakdowns as markdown tables: methods as rows, kinds / bins as columns."""
     cut = threshold["threshold"]
@@ -289,6 +348,9 @@ def main() -> None:
     parser.add_argument("--tune-slices", type=int, default=None, help="passed to evaluate: validation slices the baselines are tuned on")
     parser.add_argument("--whole-head", action="store_true", help="also draw the test patients as whole heads and "
                         "compare (atlas: through the template brain mask)")  # fmt: skip
+    parser.add_argument("--healthy-fraction", type=float, default=0.2, help="share of the test patients without any lesion")
+    parser.add_argument("--input-grid", action="store_true", help="evaluate the raw cohort: also lesion-wise figures on the "
+                        "input grid, beside the oracle threshold decided there")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON (default: benchmarks/results/accuracy.json, accuracy_atlas.json)")
     args = parser.parse_args()
     layout_defaults = {"brats": ("bundled", "accuracy.json"), "atlas": ("bundled-atlas", "accuracy_atlas.json")}
@@ -301,7 +363,7 @@ def main() -> None:
     config = ModelConfig.load(model / "config.json")
     size, direction = config.network.image_size, lesion_polarity(config.preprocess.map_channels)
     work = Path(args.work)
-    raw, test = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size, healthy=0.2)
+    raw, test = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size, healthy=args.healthy_fraction)
     cohort_kinds, missing = check_kinds(raw, kinds, "test")
     val_args = []
     if any(get_method(m).kind == "reconstruction" for m in methods):  # the pixel-label baselines tune on a validation cohort
@@ -313,8 +375,8 @@ def main() -> None:
         write_json(args.out, {"benchmark": "accuracy", "args": vars(args), "missing_kinds": missing, **body})
         return
     runs = {"skull-stripped": (raw, test)}
-    runs["whole-head"] = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size, healthy=0.2,
-                                     whole_head=True)  # fmt: skip
+    runs["whole-head"] = build_store(work, "test", args.layout, kinds, args.cases, args.seed, "0,0,1", size,
+                                     healthy=args.healthy_fraction, whole_head=True)  # fmt: skip
     results = {head: run_cohort(args, model, methods, kinds, cohort, store, val_args, direction)
                for head, (cohort, store) in runs.items()}  # fmt: skip
     comparison = head_comparison(results, runs)
@@ -331,8 +393,12 @@ def run_cohort(args: argparse.Namespace, model: Path, methods: list[str], kinds:
     subset = ["--max-slices", str(args.max_slices)] if args.max_slices > 0 else []
     tune = [a for t in args.tune for a in ("--tune", t)]
     tune += ["--tune-slices", str(args.tune_slices)] if args.tune_slices else []
+    source = test
+    if args.input_grid and raw.name.endswith("_raw") and "_wholehead" not in raw.name:
+        source = raw  # the raw cohort, through the model's chain: the same slices, and the masks on the input grid
+        results = results.with_name(results.name + "_inputgrid")
     # --continue: a rerun after an interruption keeps the cases already evaluated (same model and settings)
-    code = cli(["evaluate", "-m", str(model), "-i", str(test), "-o", str(results), "--methods", ",".join(methods),
+    code = cli(["evaluate", "-m", str(model), "-i", str(source), "-o", str(results), "--methods", ",".join(methods),
                 "--batch-size", str(args.batch_size), "--continue", *tune, *val_args, *subset])  # fmt: skip
     seconds = time.perf_counter() - start
     evaluated = Evaluated(results, raw, test)
@@ -341,6 +407,18 @@ def run_cohort(args: argparse.Namespace, model: Path, methods: list[str], kinds:
     by_size = size_table(evaluated, methods)
     detection = detection_table(evaluated, methods)
     tables = tables_markdown(by_kind, by_size, detection, kinds, evaluated.oracle)
+    per_case = pd.read_csv(results / "cases.csv", dtype={"case": str})
+    per_case = per_case[per_case["lesion_pixels"] > 0]
+    input_grid = {m: {**evaluated.summary[m]["lesion_detection"],
+                      "case_dice_3d": float(per_case.loc[per_case["method"] == m, "dice_3d_native"].mean())}
+                  for m in methods if "lesion_detection" in evaluated.summary[m]}  # fmt: skip
+    oracle_input_grid = None
+    if input_grid:
+        config = ModelConfig.load(model / "config.json")
+        oracle_input_grid = input_grid_oracle(raw, args.layout, list(config.preprocess.map_channels), direction)
+        input_grid["oracle threshold (input grid)"] = {**oracle_input_grid["lesion_detection"],
+                                                       "case_dice_3d": oracle_input_grid["case_dice_3d"]}  # fmt: skip
+        tables += "\n" + lesion_table(input_grid)
     print("\n" + tables)
     outside = {m: int(sum((method_outputs(a, m, evaluated.oracle)[1] & ~a["foreground"]).sum() for _, a in evaluated))
                for m in methods}  # fmt: skip
@@ -348,6 +426,7 @@ def run_cohort(args: argparse.Namespace, model: Path, methods: list[str], kinds:
     return {"methods": methods, "kinds": list(kinds), "cohort_kinds": cohort_kinds, "exit_code": code,
             "seconds": seconds, "summary": evaluated.summary, "summary_md": (results / "summary.md").read_text(),
             "by_kind": by_kind, "by_size": by_size, "detection": detection, "tables_md": tables,
+            "input_grid": input_grid, "oracle_input_grid": oracle_input_grid,
             "mask_pixels_outside_brain": outside}  # fmt: skip
 
 

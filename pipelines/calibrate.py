@@ -8,6 +8,7 @@ from pathlib import Path
 from anofpdm_monai.calibration import plot_calibration, predictor_precision
 from anofpdm_monai.cohorts import CalibrationSettings, calibrate_model
 from anofpdm_monai.logs import log_to_file
+from anofpdm_monai.methods import DEFAULT_FP_RATE
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel
 from anofpdm_monai.provenance import write_run_record
 from pipelines.options import add_device_arguments, record_of
@@ -33,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--volume-only", dest="sections_only", action="store_true",
         help="keep the existing calibration of --encoding and (re)calibrate only its sections (the volume family)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fp-rate", type=float, default=DEFAULT_FP_RATE,
+        help="false-positive components per 100 ml of healthy brain the volume family's minimum lesion size may leave on the "
+             "healthy validation slices (the Neyman-Pearson size rule)",
+    )  # fmt: skip
     add_device_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation sample and the forward process")
 
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(
         w_grid=w_grid, n_val=args.n_val, steps=steps, stride=args.stride, encoding=args.encoding, batch_size=args.batch_size,
         section_cases=args.section_cases, sections_only=args.sections_only, seed=args.seed, precision=args.precision,
+        fp_rate=args.fp_rate,
     )  # fmt: skip
     outcome = calibrate_model(model, args.data, settings)
     resolved = {"data": Path(args.data).resolve(), "device": str(model.device),

@@ -267,7 +267,13 @@ def test_schema_version_older_files_load_and_newer_ones_are_refused_naming_both(
     volume = dict(map_filter=3, pixel_quantile=0.99, pixel_threshold=1e-4, min_lesion_mm3=20.0, health="dmax",
                   smooth_slices=True, health_threshold=1e-4, accuracy=0.9, mask_accuracy=0.9)  # fmt: skip
     (tmp_path / "v1_volume.json").write_text(json.dumps({**old, "volume": volume}))
-    assert Calibration.load(tmp_path / "v1_volume.json").section("volume") == VolumeCalibration(**volume)  # typed once, on load
+    # versions 1 and 2 chose the minimum lesion size by accuracy and did not say so: migrated as such
+    migrated = VolumeCalibration(**volume, size_rule="accuracy", fp_rate=None)
+    assert Calibration.load(tmp_path / "v1_volume.json").section("volume") == migrated  # typed once, on load
+    (tmp_path / "v2_volume.json").write_text(json.dumps({**old, "schema_version": 2, "volume": volume}))
+    assert Calibration.load(tmp_path / "v2_volume.json").section("volume") == migrated
+    (tmp_path / "v3_volume.json").write_text(json.dumps({**data, "volume": {**volume, "fp_rate": 0.5}}))
+    assert Calibration.load(tmp_path / "v3_volume.json").section("volume") == VolumeCalibration(**volume, fp_rate=0.5)
     (tmp_path / "new.json").write_text(json.dumps({**data, "schema_version": SCHEMA_VERSION + 1, "future": 1}))
     with pytest.raises(InputError) as err:
         Calibration.load(tmp_path / "new.json")

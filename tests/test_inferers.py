@@ -65,10 +65,17 @@ def test_segment_and_evaluate_give_the_same_mask(model, case, method, monkeypatc
     results = cohort_root.parent / f"results_{method}"
     evaluator = CohortEvaluator(VolumeInferer(inferer.model, inferer.settings, batch_size=5), [method], results)
     evaluator.evaluate_case(Cohort(cohort_root, inferer).load("BraTS2021_00007"))
-    arrays, _ = load_case_results(evaluator.case_file("BraTS2021_00007"))
+    arrays, facts = load_case_results(evaluator.case_file("BraTS2021_00007"))
     assert segmented.slices.masks.any()
     assert np.array_equal(arrays[f"{method}/mixed_masks"], segmented.slices.masks.numpy())
     np.testing.assert_allclose(arrays[f"{method}/maps"], segmented.slices.maps.numpy(), rtol=0, atol=1e-6)
+    # the 3-D DICE evaluate reports is that of the mask segment writes on the input grid
+    from anofpdm_monai.metrics import volume_dice
+    from anofpdm_monai.scoring import match_lesions, read_mask
+
+    truth, label_image = read_mask(case["label"])
+    assert facts[method]["dice_3d_native"] == pytest.approx(volume_dice(segmented.mask.astype(bool), truth))
+    assert facts[method]["lesions"] == match_lesions(segmented.mask.astype(bool), truth, label_image.affine).to_dict()
 
 
 def test_a_calibration_without_the_volume_section_runs_the_paper_family_and_says_to_recalibrate(tmp_path):
@@ -80,3 +87,31 @@ def test_a_calibration_without_the_volume_section_runs_the_paper_family_and_says
     with pytest.raises(InputError, match="recalibrate"):
         VolumeInferer(folder, method="anofpdm-ddim-volume", device="cpu")
     assert "anofpdm-ddim-volume" not in supported_methods(folder) and "anofpdm-ddim" in supported_methods(folder)
+
+
+def test_the_volume_family_decides_on_the_input_grid_in_mm3(model, case, monkeypatch):
+    """segment's volume-family mask: thresholded from the upsampled map, components sized in the input's mm^3,
+    anchored to slices predicted unhealthy in the mixed setup."""
+    import dataclasses
+
+    from scipy import ndimage
+
+    from anofpdm_monai.volume_mode import input_grid_mask
+
+    use_oracle(monkeypatch, w=1.0)
+    inferer = VolumeInferer(model, method="anofpdm-ddim-volume", batch_size=4, device="cpu", precision="fp32")
+    result = inferer(case["paths"], case_id="BraTS2021_00007")
+    section, geometry = inferer.slice_inferer.sections["volume"], result.case.geometry
+    assert result.mask.shape == result.anomaly.shape and result.mask.any(), "an empty mask would prove nothing"
+    assert (result.anomaly[result.mask > 0] >= section.pixel_threshold).all(), "every mask voxel passes on the input grid"
+    labels, count = ndimage.label(result.mask, np.ones((3, 3, 3), dtype=bool))
+    voxel_mm3 = abs(np.linalg.det(np.asarray(geometry.input_affine)[:3, :3]))
+    sizes = np.bincount(labels.ravel())[1:] * voxel_mm3
+    assert sizes.min() >= section.min_lesion_mm3
+    larger = dataclasses.replace(section, min_lesion_mm3=float(sizes.max()) + voxel_mm3 / 2)
+    assert not input_grid_mask(result.slices, geometry, larger, "mixed").any(), "the size filter runs in input mm^3"
+    smaller = dataclasses.replace(section, min_lesion_mm3=float(sizes.max()) - voxel_mm3 / 2)
+    assert input_grid_mask(result.slices, geometry, smaller, "mixed").any()
+    healthy = dataclasses.replace(result.slices, predicted_unhealthy=torch.zeros_like(result.slices.predicted_unhealthy))
+    assert not input_grid_mask(healthy, geometry, section, "mixed").any(), "no anchor, no component"
+    assert np.array_equal(input_grid_mask(healthy, geometry, section, "unhealthy"), input_grid_mask(result.slices, geometry, section, "unhealthy"))

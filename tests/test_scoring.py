@@ -13,10 +13,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import ndimage
 
 from anofpdm_monai.evaluation import Cohort, CohortEvaluator, load_case_results
 from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.transforms import slices_to_volume
 from anofpdm_monai.scoring import (
     CASE_COLUMNS,
     hd95,
@@ -334,8 +336,9 @@ def evaluated_cohort(model, brats_cohort, tmp_path_factory):
         slices = np.roll(case.masks.numpy().astype(bool), 2, axis=1)
         slices[len(slices) // 2, 20:28, 20:28] = True
         arrays = {"anofpdm-ddim/mixed_masks": slices, "anofpdm-ddim/masks": slices, "anofpdm-ddim/maps": slices.astype(np.float32)}
-        by_hand.write_outputs(case, arrays)
-        hand_dice[case_id] = by_hand.native_dice(case, arrays)["anofpdm-ddim"]
+        hand_masks = {"anofpdm-ddim": slices_to_volume(torch.from_numpy(slices).float(), case.geometry, "mask")}
+        by_hand.write_outputs(case, arrays, hand_masks)
+        hand_dice[case_id] = by_hand.native_scores(case, arrays, hand_masks)["anofpdm-ddim"]["dice_3d_native"]
     return cohort_dir, results, masks, hand, hand_dice, (lesion, healthy)
 
 

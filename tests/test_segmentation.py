@@ -18,7 +18,7 @@ from anofpdm_monai.segmentation import (
     health_similarity,
     min_component_area,
     predict_unhealthy,
-    remove_small_components,
+    keep_components,
     rowwise_quantile,
 )
 
@@ -80,15 +80,34 @@ def test_dynamic_threshold_by_hand():
         dynamic_threshold(per_channel, torch.tensor([[0.5, 6.0]]), [2.0, 0.0])
 
 
-def test_remove_small_components_is_8_connected_and_inclusive():
+def test_keep_components_planar_is_8_connected_and_keeps_min_size():
     mask = torch.zeros(1, 8, 8, dtype=torch.bool)
     mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 2, 2] = True  # one diagonal component of 3 pixels
     mask[0, 5:7, 5:7] = True  # a 2 x 2 block of 4 pixels
-    kept = remove_small_components(mask, max_area=3)
-    assert kept[0, 5:7, 5:7].all() and int(kept.sum()) == 4
-    assert torch.equal(remove_small_components(mask, max_area=2), mask)  # the diagonal counts as one of area 3
-    assert not remove_small_components(mask, max_area=4).any()
-    assert torch.equal(remove_small_components(mask, max_area=0), mask)
+    kept = keep_components(mask, 4, unit="voxels", planar=True)
+    assert kept[0, 5:7, 5:7].all() and int(kept.sum()) == 4 and kept.dtype == torch.bool
+    assert torch.equal(keep_components(mask, 3, unit="voxels", planar=True), mask)  # the diagonal counts as one of 3
+    assert not keep_components(mask, 5, unit="voxels", planar=True).any()
+    assert torch.equal(keep_components(mask, 0, unit="voxels", planar=True), mask)
+    # the paper's rule (area <= max_area removed) is min_size = max_area + 1
+    assert torch.equal(keep_components(mask, 3 + 1, unit="voxels", planar=True), kept)
+
+
+def test_keep_components_in_mm3_counts_voxel_volume_and_planes_stay_apart():
+    volume = np.zeros((6, 6, 6), dtype=np.uint8)
+    volume[0:2, 0:2, 0:2] = 1  # 8 voxels
+    volume[4, 4, 4] = 1  # 1 voxel
+    kept = keep_components(volume, 16.0, unit="mm3", voxel_mm3=2.0)  # 8 voxels x 2 mm^3 = 16 mm^3: kept
+    assert kept.dtype == np.uint8 and int(kept.sum()) == 8 and kept[4, 4, 4] == 0
+    assert not keep_components(volume, 16.5, unit="mm3", voxel_mm3=2.0).any()
+    # planar: the 2 x 2 x 2 block is two 4-pixel parts, one per plane of the last two axes
+    planes = torch.from_numpy(volume.astype(bool))
+    assert int(keep_components(planes, 4, unit="voxels", planar=True).sum()) == 8
+    assert not keep_components(planes, 5, unit="voxels", planar=True).any()
+    assert int(keep_components(planes, 5, unit="voxels").sum()) == 8  # as one (6, 6, 6) volume the block is one of 8
+    with pytest.raises(ValueError, match="voxel_mm3"):
+        keep_components(volume, 1.0, unit="mm3")
+
 
 
 def test_min_component_area_scales_with_s_squared():

@@ -13,8 +13,10 @@ from anofpdm_monai.volume_mode import (
     VolumeInputs,
     anchored_mixed_masks,
     best_threshold,
+    VolumeComponents,
     calibrate_volume_mode,
-    remove_small_lesions,
+    fp_rate_size,
+    keep_lesions,
     smooth_along_slices,
     volume_segment,
 )
@@ -46,16 +48,16 @@ def test_small_lesions_are_measured_in_mm3_of_the_slice_grid():
     masks[0:2, 4:6, 4:6] = True  # 8 voxels spanning two slices
     masks[2, 6, 6] = True  # 1 voxel touching the corner (5, 5) of slice 1
     idx = np.array([5, 6, 7])
-    assert remove_small_lesions(masks, idx, (1.0, 1.0, 1.0), 2.0).sum() == 9, "one component of 9 voxels (26-connected)"
+    assert keep_lesions(masks, idx, (1.0, 1.0, 1.0), 2.0).sum() == 9, "one component of 9 voxels (26-connected)"
     masks[2, 6, 6] = False
     masks[2, 12, 12] = True  # now isolated
-    kept = remove_small_lesions(masks, idx, (1.0, 1.0, 1.0), 2.0)
+    kept = keep_lesions(masks, idx, (1.0, 1.0, 1.0), 2.0)
     assert kept.sum() == 8 and not kept[2, 12, 12]
     # The same voxels are 8 x 6 mm^3 = 48 mm^3 at 2 x 1 x 3 mm voxels.
-    assert remove_small_lesions(masks, idx, (2.0, 1.0, 3.0), 48.0).sum() == 8
-    assert remove_small_lesions(masks, idx, (2.0, 1.0, 3.0), 49.0).sum() == 0
+    assert keep_lesions(masks, idx, (2.0, 1.0, 3.0), 48.0).sum() == 8
+    assert keep_lesions(masks, idx, (2.0, 1.0, 3.0), 49.0).sum() == 0
     # A gap in the slice indices breaks the connection between two rows of the stack.
-    split = remove_small_lesions(masks[:2], np.array([5, 7]), (1.0, 1.0, 1.0), 5.0)
+    split = keep_lesions(masks[:2], np.array([5, 7]), (1.0, 1.0, 1.0), 5.0)
     assert split.sum() == 0, "two 4-voxel parts, not one of 8"
 
 
@@ -132,3 +134,33 @@ def test_volume_calibration_checks_its_fields():
                      ("map_filter", 4)):
         with pytest.raises(ValueError, match=key):
             VolumeCalibration(**{**good, key: bad})
+
+
+def _components(mm3: list[float], false_positive: list[bool], healthy_ml: float) -> VolumeComponents:
+    return VolumeComponents(np.array([0.0, *mm3]), np.array([False, *false_positive]), np.zeros(0), healthy_ml)
+
+
+def test_fp_rate_size_takes_the_smallest_size_that_keeps_the_rate_on_healthy_slices():
+    # 200 ml of healthy slices; false positives of 5, 12 and 40 mm^3; a 500 mm^3 lesion component (not a false positive)
+    components = [_components([5.0, 12.0, 500.0], [True, True, False], 120.0), _components([40.0], [True], 80.0)]
+    size, rate, rates = fp_rate_size(components, fp_rate=1.0, sizes=(0.0, 10.0, 20.0, 50.0))
+    assert rates == pytest.approx([3 / 2, 2 / 2, 1 / 2, 0.0]), "false positives of at least each size per 100 ml"
+    assert (size, rate) == (10.0, pytest.approx(1.0)), "the smallest size at the rate (inclusive)"
+    assert fp_rate_size(components, fp_rate=0.0, sizes=(0.0, 10.0, 20.0, 50.0))[0] == 50.0
+    size, rate, _ = fp_rate_size(components, fp_rate=0.0, sizes=(0.0, 10.0))
+    assert (size, rate) == (10.0, pytest.approx(1.0)), "no candidate meets the rate: the largest, its rate reported"
+    with pytest.raises(ValueError, match="ascending"):
+        fp_rate_size(components, 1.0, sizes=(10.0, 0.0))
+
+
+def test_volume_components_count_false_positives_in_slices_labelled_healthy_only():
+    volume = _volume(0, range(3, 6))
+    raw = torch.zeros(10, S, S, dtype=torch.bool)
+    raw[3:5, 6:9, 6:9] = True  # on the labelled lesion: 18 voxels
+    raw[5:7, 2:4, 2:4] = True  # reaches lesion slice 5: not a false positive
+    raw[8, 10, 10] = True  # a speck in a healthy slice: a false positive of 1 mm^3
+    comp = VolumeComponents.of(raw, volume)
+    assert sorted(comp.mm3[1:].tolist()) == [1.0, 8.0, 18.0]
+    assert comp.mm3[comp.false_positive].tolist() == [1.0]
+    assert comp.healthy_ml == pytest.approx(7 * 12 * 12 / 1000.0), "brain of the 7 healthy slices, 1 mm^3 voxels"
+    assert comp.slice_largest.tolist() == [0, 0, 0, 18, 18, 8, 8, 0, 1, 0]
