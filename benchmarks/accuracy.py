@@ -293,7 +293,8 @@ def lesion_table(detection: dict[str, dict]) -> str:
     fp = ("FP comp. / patient", "max FP comp.", "FP ml / patient", "healthy: FP comp.", "healthy: ml (max)", "3-D DICE")
     rows, counts = {}, {}
     for method, d in detection.items():
-        rows[method] = {name: d["bins"][name]["rate"] for name in DETECTION_BINS_MM3}
+        rows[method] = {name: float("nan") if d["bins"][name]["rate"] is None else d["bins"][name]["rate"]
+                        for name in DETECTION_BINS_MM3}  # (an empty bin: null in summary.json)
         rows[method].update(zip(fp, (d["fp_components_per_case"], d["max_fp_components"], d["fp_ml_per_case"],
                                      d["fp_components_per_healthy_case"], d["max_healthy_ml"], d["case_dice_3d"])))  # fmt: skip
         counts = {name: d["bins"][name]["lesions"] for name in DETECTION_BINS_MM3}
