@@ -2,8 +2,10 @@
 
 One helper for ``train``, ``evaluate`` and ``segment``: :func:`process_rank` reads and checks
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`rank_device` gives each rank its own GPU
-(``cuda:LOCAL_RANK``); :func:`resolve_parts` and :func:`shard` split a cohort between processes
-(``torchrun`` or ``--num-parts``/``--part-id``, nnU-Net style).
+(``cuda:LOCAL_RANK``); :func:`resolve_parts` and :func:`shard` split a cohort between processes:
+the parts come from the arguments (``--num-parts``/``--part-id``, nnU-Net style), from ``torchrun`` (one part per
+rank) or from a SLURM array job (:func:`slurm_part`: one part per array task); under ``torchrun`` a part given by
+the arguments or by SLURM is split again among the ranks (a SLURM array of multi-GPU jobs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import torch
 from anofpdm_monai.io import InputError
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SLURM_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP",
+                   "SLURM_ARRAY_TASK_COUNT")  # fmt: skip
+PARTS_FROM = ("args", "torchrun", "slurm")  # where a process's part of the cohort comes from
 
 
 @dataclass(frozen=True)
@@ -44,16 +49,18 @@ class ProcessRank:
         return self.world_size > 1
 
 
-def _whole(environ: Mapping[str, str], name: str, default: int) -> int:
+def _whole(environ: Mapping[str, str], name: str, default: int | None, setter: str = "torchrun") -> int:
     text = environ.get(name)
     if text is None or text.strip() == "":
+        if default is None:
+            raise InputError(f"environment variable {name} is not set ({setter} sets it); run this under {setter}, or take the parts from the arguments")
         return default
     try:
         value = int(text.strip())
     except ValueError:
-        raise InputError(f"environment variable {name}={text!r} must be a whole number >= 0 (torchrun sets it); unset it or fix it") from None
+        raise InputError(f"environment variable {name}={text!r} must be a whole number >= 0 ({setter} sets it); unset it or fix it") from None
     if value < 0:
-        raise InputError(f"environment variable {name}={text!r} must be a whole number >= 0 (torchrun sets it); unset it or fix it")
+        raise InputError(f"environment variable {name}={text!r} must be a whole number >= 0 ({setter} sets it); unset it or fix it")
     return value
 
 
@@ -92,17 +99,72 @@ def rank_device(device: torch.device, rank: ProcessRank | None = None) -> torch.
     return device
 
 
-def resolve_parts(num_parts: int = 1, part_id: int = 0, rank: ProcessRank | None = None) -> tuple[int, int]:
-    """``(num_parts, part_id)``: from ``torchrun`` (one part per rank) when it started this process, else as given."""
-    rank = process_rank() if rank is None else rank
-    if rank.distributed:
-        return rank.world_size, rank.rank
+def slurm_part(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(num_parts, part_id)`` of this SLURM array task: part ``(ID - MIN) / STEP`` of ``COUNT``.
+
+    Read from ``SLURM_ARRAY_TASK_ID``, ``_MIN``, ``_MAX``, ``_STEP`` (unset: 1) and ``_COUNT``, which ``sbatch --array``
+    sets. Only an evenly spaced array (``--array=0-99``, ``1-199:2``, with or without a ``%`` limit) numbers its
+    tasks 0 .. COUNT - 1 this way; a list with gaps (``--array=0,3,7``) is refused, since its parts would not cover
+    the cohort.
+
+    Raises:
+        InputError: a variable is unset or not a whole number, or the array is not evenly spaced (one line naming
+            the variable).
+    """
+    environ = os.environ if environ is None else environ
+    task, first, last = (_whole(environ, f"SLURM_ARRAY_TASK_{v}", None, "an sbatch array job") for v in ("ID", "MIN", "MAX"))
+    count = _whole(environ, "SLURM_ARRAY_TASK_COUNT", None, "an sbatch array job")
+    step = _whole(environ, "SLURM_ARRAY_TASK_STEP", 1, "an sbatch array job")
+    if step < 1:
+        raise InputError(f"environment variable SLURM_ARRAY_TASK_STEP={step} must be at least 1 (an sbatch array job sets it); unset it or fix it")
+    if not first <= task <= last or (task - first) % step:
+        raise InputError(f"environment variable SLURM_ARRAY_TASK_ID={task} is not a task of the array {first}-{last}:{step} "
+                         "(SLURM_ARRAY_TASK_MIN, _MAX, _STEP); unset them or fix them")  # fmt: skip
+    if (last - first) // step + 1 != count:
+        raise InputError(
+            f"environment variable SLURM_ARRAY_TASK_COUNT={count} does not fit the array {first}-{last}:{step}, whose tasks "
+            f"would number {(last - first) // step + 1}: an array with gaps (e.g. the list 0,3,7) leaves parts of the cohort "
+            "out; submit an evenly spaced array (0-N or START-END:STEP, a % limit is fine)"
+        )  # fmt: skip
+    return count, (task - first) // step
+
+
+def resolve_parts(num_parts: int = 1, part_id: int = 0, rank: ProcessRank | None = None, parts_from: str = "args",
+                  environ: Mapping[str, str] | None = None) -> tuple[int, int]:  # fmt: skip
+    """``(num_parts, part_id)`` of this process: which of the cohort's round-robin parts (:func:`shard`) it runs.
+
+    Args:
+        num_parts, part_id: the part given as arguments (``parts_from="args"``; else they must stay 1 and 0).
+        rank: this process among those ``torchrun`` started (default: read from the environment).
+        parts_from: ``args``; ``torchrun`` (one part per rank; the process must have been started by torchrun);
+            ``slurm`` (one part per array task, :func:`slurm_part`).
+        environ: the environment (default ``os.environ``).
+
+    Under ``torchrun`` with ``W`` ranks, part ``p`` of ``P`` (from the arguments or SLURM) is split again among the
+    ranks: rank ``r`` runs part ``p + P * r`` of ``P * W``, the ``r``-th of the ``W`` round-robin parts of part ``p``,
+    so the ranks of all tasks cover the cohort exactly once.
+
+    Raises:
+        InputError: a bad part or ``parts_from`` (naming the argument), or a bad environment variable (naming it).
+    """
+    environ = os.environ if environ is None else environ
+    rank = process_rank(environ) if rank is None else rank
+    if parts_from not in PARTS_FROM:
+        raise InputError(f"parts_from={parts_from!r}: choose one of {', '.join(PARTS_FROM)}", arguments="parts_from")
+    if parts_from != "args" and (num_parts, part_id) != (1, 0):
+        raise InputError(f"num_parts={num_parts} and part_id={part_id} are given while the parts come from {parts_from} "
+                         f"(parts_from={parts_from}); give one or the other", arguments=("num_parts", "part_id", "parts_from"))  # fmt: skip
+    if parts_from == "torchrun" and environ.get("WORLD_SIZE", "").strip() == "":
+        raise InputError("environment variable WORLD_SIZE is not set (torchrun sets it): parts_from=torchrun needs a process "
+                         "started by torchrun; run under torchrun, or take the parts from the arguments", arguments="parts_from")  # fmt: skip
+    if parts_from == "slurm":
+        num_parts, part_id = slurm_part(environ)
     if num_parts < 1:
         raise InputError(f"num_parts={num_parts} must be at least 1, with part_id in [0, num_parts) picking this process's part",
                          arguments=("num_parts", "part_id"))  # fmt: skip
     if not 0 <= part_id < num_parts:
         raise InputError(f"part_id={part_id} must lie in [0, num_parts={num_parts})", arguments=("part_id", "num_parts"))
-    return num_parts, part_id
+    return num_parts * rank.world_size, part_id + num_parts * rank.rank
 
 
 def shard(items: Sequence[Any], num_parts: int, part_id: int) -> list[Any]:

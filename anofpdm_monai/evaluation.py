@@ -23,7 +23,7 @@ import torch
 
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, lesion_polarity
 from anofpdm_monai.data import PreprocessedStore
-from anofpdm_monai.distributed import barrier, process_rank, resolve_parts, shard
+from anofpdm_monai.distributed import resolve_parts, shard
 from anofpdm_monai.inferers import ForwardProcessInferer, VolumeInferer, slice_seeds, write_segmentation
 from anofpdm_monai.io import (
     InputError,
@@ -55,7 +55,7 @@ from anofpdm_monai.metrics import (
 )
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY
-from anofpdm_monai.outputs import case_record, check_segment_outputs, finished, lock_folder
+from anofpdm_monai.outputs import case_record, check_segment_outputs, continuation_record, finish_part, finished, lock_folder, start_part
 from anofpdm_monai.provenance import check_continuation, inference_settings, run_record, write_run_record
 from anofpdm_monai.readers import LESION_LABELS, brain_mask_file, detect_layout, read_cases
 from anofpdm_monai.scoring import LesionMatch, lesion_detection_summary, match_lesions, read_mask
@@ -484,7 +484,9 @@ class EvaluationSettings:
         tune: ``{method: {hyperparameter: candidates}}`` replacing those of the methods' default grids.
         tune_slices: validation slices (a seeded sample) the baselines are tuned on.
         resume: reuse the case files of an earlier run with the same model and settings (``--continue``).
-        num_parts, part_id: evaluate only part ``part_id`` of the cohort's round-robin parts (``torchrun``: one per rank).
+        num_parts, part_id: evaluate only part ``part_id`` of the cohort's round-robin parts.
+        parts_from: where the part comes from: ``args`` (``num_parts``, ``part_id``), ``torchrun`` (one part per
+            rank) or ``slurm`` (one per array task); see :func:`~anofpdm_monai.distributed.resolve_parts`.
         report: also write the cohort report ``RESULTS/report/index.html``.
     """
 
@@ -497,6 +499,7 @@ class EvaluationSettings:
     resume: bool = False
     num_parts: int = 1
     part_id: int = 0
+    parts_from: str = "args"
     report: bool = False
 
 
@@ -511,7 +514,8 @@ class EvaluationOutcome:
         expected: the cases of the run (all parts).
         done: the cases with a case file.
         failed: ``{case: error}`` of this process's failed cases.
-        summary: the Table-1 rows (``summary.json``), or None while other parts are unfinished (or on a rank > 0).
+        summary: the Table-1 rows (``summary.json``), or None while other parts are unfinished (the last part to
+            finish writes the tables).
         tuning: each tuned method's :class:`~anofpdm_monai.tuning.TuningResult`.
     """
 
@@ -613,8 +617,10 @@ def evaluate_cohort(
     reported to ``on_error`` and the others go on; with ``evaluation.resume`` finished cases are kept
     (only from a run with the same model and settings, each case's recorded in ``cases/CASE.json``); the
     results folder is made once the model and the input were checked, and one run writes it at a time
-    (``RESULTS/anofpdm.lock``; the parts of a sharded run together); under ``torchrun`` each rank evaluates its part,
-    and rank 0 merges once every rank is done.
+    (``RESULTS/anofpdm.lock``; the parts of a sharded run together). Each part of a sharded run (``torchrun``
+    ranks, SLURM array tasks, ``num_parts``) evaluates its cases, keeps its own ``run.part-K-of-N.json`` and
+    ``evaluate.part-K-of-N.log``, and the last part to finish writes the tables and ``run.json``
+    (:func:`~anofpdm_monai.outputs.finish_part`; no process group is needed).
 
     Args:
         model: the loaded model.
@@ -638,8 +644,8 @@ def evaluate_cohort(
     evaluation = evaluation or EvaluationSettings()
     results = Path(results_dir)
     log = get_logger()
-    rank = process_rank()
-    num_parts, part_id = resolve_parts(evaluation.num_parts, evaluation.part_id, rank)
+    num_parts, part_id = resolve_parts(evaluation.num_parts, evaluation.part_id, parts_from=evaluation.parts_from)
+    part = (part_id, num_parts)
     registry = all_methods()
     if evaluation.methods == ("all",):  # every registered method: those the folder cannot run are skipped with one line each
         requested = list(registry)
@@ -656,8 +662,8 @@ def evaluate_cohort(
     if outputs_dir is not None and cohort.store is None:
         check_segment_outputs(list(cohort.records.values()), outputs_dir, argument="outputs_dir")
     make_results_folder(results)  # once the model and the input were checked: a refused run leaves no folder behind
-    lock_folder(results, "evaluate", (part_id, num_parts))
-    log_to_file(results, "evaluate")
+    lock_folder(results, "evaluate", part)
+    log_to_file(results, "evaluate", part)
     inferer = cohort.inferer = VolumeInferer(model, settings)
     contexts, skipped = {}, {}
     for name in requested:
@@ -676,18 +682,18 @@ def evaluate_cohort(
     evaluator = CohortEvaluator(inferer, methods, results, tuned=tuned, contexts=contexts, outputs_dir=outputs_dir)
     resolved = resolved_settings(evaluator, source, evaluation, requested, tuned)
     run = record(resolved) if record is not None else run_record("evaluate", None, resolved, model.folder)
-    if evaluation.resume and any((results / "cases").glob("*.npz")):
-        check_continuation(results, run, CONTINUATION_KEYS)  # finished cases are reused only from the same run
-        for case_id in cohort.case_ids:  # and each only if it was made with these settings (cases/CASE.json)
-            finished(evaluator.case_record_file(case_id), run, CONTINUATION_KEYS, evaluator.case_file(case_id))
-    if rank.is_main:
-        write_run_record(results, run)
     keep = slice_subset(cohort, evaluation.max_slices, settings.seed)
     # cases that max_slices leaves without a slice are not part of the run (they would never get a file)
     expected = [c for c in cohort.case_ids if keep is None or len(keep.get(c, ())) > 0]
+    mine = shard(expected, num_parts, part_id)
+    if evaluation.resume and any((results / "cases").glob("*.npz")):
+        # finished cases are reused only from the same run (this part's record, or the merged run.json)
+        check_continuation(results, run, CONTINUATION_KEYS, continuation_record(results, part))
+        for case_id in mine:  # and each only if it was made with these settings (cases/CASE.json)
+            finished(evaluator.case_record_file(case_id), run, CONTINUATION_KEYS, evaluator.case_file(case_id))
+    start_part(results, run, part, CONTINUATION_KEYS)  # run.json, or run.part-K-of-N.json for one part
     outcome = EvaluationOutcome(results, methods, skipped, expected, tuning=tuned)
     report_error = on_error or (lambda case_id, err: log.error(f"{case_id}: {err}"))
-    mine = shard(expected, num_parts, part_id)
     desc = f"evaluate {part_id + 1}/{num_parts}" if num_parts > 1 else "evaluate"
     for case_id in tqdm(mine, desc=desc, unit="case", disable=not progress):
         if evaluation.resume and finished(evaluator.case_record_file(case_id), run, CONTINUATION_KEYS, evaluator.case_file(case_id)):
@@ -701,20 +707,20 @@ def evaluate_cohort(
         except (InputError, OSError) as err:
             outcome.failed[case_id] = err
             report_error(case_id, err)
-    barrier(rank)
-    if not rank.is_main:
-        return outcome
-    outcome.done = [c for c in expected if evaluator.case_file(c).is_file()]
-    if len(outcome.done) < len(expected) - len(outcome.failed) and not rank.distributed and num_parts > 1:
-        log.info(f"{len(outcome.done)} of {len(expected)} cases done; the summary is written when every part has finished")
-        return outcome
-    if not outcome.done:
-        raise InputError(f"{source}: no case could be evaluated")
-    outcome.summary = merge_results(results, outcome.done, methods)
-    if evaluation.report:
-        from anofpdm_monai.report import write_report
 
-        log.info(f"report: {write_report(results, model_dir=model.folder)}")
+    def merge() -> None:  # by the last part to finish (or the whole run)
+        outcome.done = [c for c in expected if evaluator.case_file(c).is_file()]
+        if not outcome.done:
+            raise InputError(f"{source}: no case could be evaluated")
+        outcome.summary = merge_results(results, outcome.done, methods)
+        if evaluation.report:
+            from anofpdm_monai.report import write_report
+
+            log.info(f"report: {write_report(results, model_dir=model.folder)}")
+
+    if not finish_part(results, run, part, merge, counts={"cases": len(mine), "failed": len(outcome.failed)}):
+        outcome.done = [c for c in expected if evaluator.case_file(c).is_file()]
+        log.info(f"{len(outcome.done)} of {len(expected)} cases done; the summary is written when every part has finished")
     return outcome
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.config import PreprocessConfig
 from anofpdm_monai.forward_process import ForwardProcessResult, run_forward_process
-from anofpdm_monai.io import InputError, check_case_id, save_like
+from anofpdm_monai.io import InputError, check_case_id, save_like, voxel_volume_mm3
 from anofpdm_monai.methods import Decision, get_decision
 from anofpdm_monai.outputs import case_record, segment_outputs
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings, calibration_path
@@ -275,8 +275,7 @@ class VolumeResult:
 
     @property
     def lesion_ml(self) -> float:
-        zooms = np.abs(np.linalg.det(self.case.geometry.input_affine[:3, :3]))
-        return float(self.mask.sum() * zooms / 1000.0)
+        return float(self.mask.sum()) * voxel_volume_mm3(self.case.geometry.input_affine) / 1000.0
 
     def anomaly_to_save(self, save_anomaly: str = "masked") -> np.ndarray | None:
         """The map as written: ``masked`` zero outside the brain (compresses ~4x), ``full`` as is, ``none`` nothing."""

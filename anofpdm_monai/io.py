@@ -161,6 +161,19 @@ def check_case_id(case_id: str, source: str | Path, fix: str = "rename it") -> s
     return case_id
 
 
+def part_file_name(name: str, part: tuple[int, int] | None = None) -> str:
+    """The name of file ``name`` written by one part of a sharded run: ``run.json`` -> ``run.part-K-of-N.json``.
+
+    Args:
+        name: the file's name for a whole run (``run.json``, ``segment.log``).
+        part: ``(part_id, num_parts)``; None or one part: ``name`` itself.
+    """
+    if part is None or part[1] <= 1:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.part-{part[0]}-of-{part[1]}{dot}{suffix}"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
     path = Path(path)
@@ -496,6 +509,39 @@ def affine_mm(image: Any) -> np.ndarray:
     return affine
 
 
+AFFINE_TOLERANCE_MM = 1e-3
+"""Largest difference (mm, any affine entry) between two headers that still counts as one voxel grid."""
+
+
+def check_same_grid(path: str | Path, image: Any, reference: str, reference_image: Any, fix: str) -> None:
+    """Refuse ``image`` (read from ``path``) unless it lies on ``reference_image``'s voxel grid: the same shape, and
+    affines (in mm, :func:`affine_mm`) within :data:`AFFINE_TOLERANCE_MM`. The one grid check (channels of a case,
+    a label or brain mask against its case, a prediction against its label).
+
+    Args:
+        path, image: the file to check and its image.
+        reference: how the message names the reference (e.g. its file name).
+        reference_image: the image whose grid ``image`` must share.
+        fix: what the user should do, ending the message.
+
+    Raises:
+        InputError: one line naming ``path``, the reference, what differs and ``fix``.
+    """
+    shape, reference_shape = tuple(image.shape[:3]), tuple(reference_image.shape[:3])
+    if shape != reference_shape:
+        raise InputError(f"{path}: shape {shape} differs from {reference} {reference_shape}; {fix}")
+    gap = float(np.max(np.abs(affine_mm(image) - affine_mm(reference_image))))
+    if not gap <= AFFINE_TOLERANCE_MM:
+        raise InputError(f"{path}: affine differs from {reference} by up to {gap:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); {fix}")
+
+
+def voxel_volume_mm3(affine: Any) -> float:
+    """Volume of one voxel of a grid in mm^3: ``|det(affine[:3, :3])|`` of its (4, 4) voxel-to-world affine (mm).
+
+    The one place a voxel's volume is computed from an affine (lesion volumes, ml, sizes in mm^3)."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+
+
 def check_geometry(path: Path, image: Any) -> None:
     """Refuse a header whose affine cannot place the voxels: NaN or infinite entries, a collapsed axis, or voxel
     sizes outside :data:`VOXEL_MM_RANGE` (in mm, the header's unit applied)."""
@@ -504,7 +550,7 @@ def check_geometry(path: Path, image: Any) -> None:
     if not np.isfinite(affine).all():
         raise InputError(f"{path}: the header's voxel-to-world affine (sform, or qform and pixdim) holds NaN or infinite values; {fix}")
     sizes = np.linalg.norm(affine[:3, :3], axis=0)
-    volume = abs(float(np.linalg.det(affine[:3, :3])))
+    volume = voxel_volume_mm3(affine)
     if (sizes == 0).any() or volume <= 1e-9 * float(np.prod(sizes)):
         raise InputError(
             f"{path}: the header's affine is degenerate (voxel axes of lengths {np.round(sizes, 6).tolist()} mm span no "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from anofpdm_monai.io import NIBABEL_LOGGER, InputError
+from anofpdm_monai.io import NIBABEL_LOGGER, InputError, part_file_name
 
 LOGGER_NAME = "anofpdm"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -58,15 +58,16 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-def log_to_file(folder: str | Path, verb: str) -> Path:
+def log_to_file(folder: str | Path, verb: str, part: tuple[int, int] | None = None) -> Path:
     """Append this run's messages to ``FOLDER/VERB.log`` too (until the verb's :func:`verb_logging` ends).
 
-    Outside :func:`verb_logging` (a verb's ``run`` called from Python) it attaches nothing.
+    Outside :func:`verb_logging` (a verb's ``run`` called from Python) it attaches nothing. Part ``K`` of a
+    sharded run (``part=(K, N)``) writes ``VERB.part-K-of-N.log``, so the parts' lines never interleave.
 
     Raises:
         InputError: the folder cannot be written.
     """
-    path = Path(folder) / f"{verb}.log"
+    path = Path(folder) / part_file_name(f"{verb}.log", part)
     logger = get_logger()
     if not _ACTIVE:  # outside a verb (a verb's run() called from Python): no handler that nobody would remove
         return path

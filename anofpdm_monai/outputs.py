@@ -8,6 +8,11 @@
 * :func:`lock_folder` takes ``FOLDER/anofpdm.lock`` (created with ``O_EXCL``, holding the process id) for the
   rest of the verb; :func:`release_locks` removes it (``pipelines.cli`` calls it when the verb ends, even on
   Ctrl-C). A lock left by a process that is no longer running on this host is taken over with a warning.
+* The parts of a sharded run (``num_parts`` > 1: ``torchrun`` ranks, SLURM array tasks, or processes started by
+  hand) each keep a run record of their own, ``run.part-K-of-N.json`` (:func:`start_part`: state ``running``,
+  refused when another part in the folder has other settings; :func:`finish_part`: state ``finished``); the last
+  part to finish merges the run (the cohort tables of ``evaluate``) and writes ``run.json`` naming every part,
+  under :func:`merge_lock` (``FOLDER/anofpdm.merge.lock``).
 """
 
 from __future__ import annotations
@@ -16,17 +21,23 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from anofpdm_monai.io import RESERVED_CASE_SUFFIX as RESERVED_SUFFIX
-from anofpdm_monai.io import InputError, InputWarning, atomic_write_json
+from anofpdm_monai.io import InputError, InputWarning, atomic_write_json, part_file_name
+from anofpdm_monai.provenance import RUN_RECORD
 
 LOCK_NAME = "anofpdm.lock"
+MERGE_LOCK_NAME = "anofpdm.merge.lock"
+PART_RECORD = re.compile(r"run\.part-(\d+)-of-(\d+)\.json")
+# a merge lock of another host is taken over once this old (its process cannot be asked whether it still runs)
+MERGE_LOCK_STALE_S = 6 * 3600
 
 # the settings that change what segment writes for a case (a finished case is reused only when they match)
 SEGMENT_SETTINGS = ("method", "encoding", "steps", "stride", "w", "thr_01", "D", "calibration_sha256", "seed",
@@ -206,7 +217,7 @@ def lock_folder(folder: str | Path, verb: str, part: tuple[int, int] | None = No
         InputError: another live process holds a lock on the folder (one line: its verb, process id, start).
     """
     folder = Path(folder)
-    name = LOCK_NAME if part is None or part[1] <= 1 else f"anofpdm.part-{part[0]}-of-{part[1]}.lock"
+    name = part_file_name(LOCK_NAME, part)
     path = folder / name
     if path in _HELD:
         return path
@@ -277,3 +288,174 @@ def release_locks(paths: Iterable[Path] | None = None) -> None:
 
 
 atexit.register(release_locks)  # a verb called from Python (not through pipelines.cli) still leaves no lock behind
+
+
+# --- the parts of a sharded run ------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def part_records(folder: str | Path, num_parts: int) -> dict[int, Path]:
+    """The run records ``run.part-K-of-NUM_PARTS.json`` in ``folder``, by part id ``K``."""
+    found = {}
+    for path in Path(folder).glob(f"run.part-*-of-{num_parts}.json"):
+        match = PART_RECORD.fullmatch(path.name)
+        if match and int(match[2]) == num_parts and int(match[1]) < num_parts:
+            found[int(match[1])] = path
+    return dict(sorted(found.items()))
+
+
+def continuation_record(folder: str | Path, part: tuple[int, int] | None = None) -> str:
+    """The name of the run record ``resume`` checks this run against: for a part its own record, else the merged
+    ``run.json``, else another part's record of the same split; for a whole run ``run.json``."""
+    folder = Path(folder)
+    if part is None or part[1] <= 1:
+        return RUN_RECORD
+    own = part_file_name(RUN_RECORD, part)
+    if (folder / own).is_file() or (folder / RUN_RECORD).is_file():
+        return own if (folder / own).is_file() else RUN_RECORD
+    others = part_records(folder, part[1])
+    return next(iter(others.values())).name if others else own
+
+
+def start_part(folder: str | Path, record: Mapping[str, Any], part: tuple[int, int] | None, keys: Sequence[str]) -> Path:
+    """Write this process's run record: ``run.json`` for a whole run, ``run.part-K-of-N.json`` for part ``K`` of ``N``.
+
+    A part's record is the run record with ``part``: ``{"id", "count", "state": "running", "host", "pid",
+    "started"}``. It is written under :func:`merge_lock` once every other part's record in the folder was found
+    to have the same model and ``keys`` settings.
+
+    Args:
+        folder: the output folder (it exists).
+        record: this run's record (:func:`anofpdm_monai.provenance.run_record`).
+        part: ``(part_id, num_parts)``; None or one part: a whole run.
+        keys: the settings the parts must share (those that change the outputs).
+
+    Raises:
+        InputError: another part's record has another model or other settings: one line naming both files and
+            the first setting that differs.
+    """
+    from anofpdm_monai.provenance import differences, read_run_record, shown_value, write_run_record
+
+    folder = Path(folder)
+    if part is None or part[1] <= 1:
+        return write_run_record(folder, record)
+    own = folder / part_file_name(RUN_RECORD, part)
+    with merge_lock(folder):
+        for path in part_records(folder, part[1]).values():
+            other = read_run_record(path) if path != own else None
+            changed = differences(other, record, ["model.sha256", *keys]) if other is not None else []
+            if changed:
+                key, old, new = changed[0]
+                raise InputError(
+                    f"{own}: another part of this run, {path}, was made with {key} {shown_value(old)}, this part has "
+                    f"{shown_value(new)}; the parts of one run must share the model and settings: give every part the "
+                    f"same ones, or choose a new output folder (delete {path.name} if it is left from an earlier run)"
+                )  # fmt: skip
+        info = {"id": part[0], "count": part[1], "state": "running", "host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+        return write_run_record(folder, {**record, "part": info}, own.name)
+
+
+def finish_part(folder: str | Path, record: Mapping[str, Any], part: tuple[int, int] | None,
+                merge: Callable[[], Any] | None = None, counts: Mapping[str, int] | None = None) -> bool:  # fmt: skip
+    """Mark this part finished; the last part to finish merges the run.
+
+    Under :func:`merge_lock`: this part's record gets state ``finished`` (and ``counts``, e.g. cases and failures);
+    when every part's record of the split is finished, ``merge()`` runs (e.g. ``evaluate``'s cohort tables) and
+    ``run.json`` is written: this part's record with ``settings.part_id`` dropped and ``parts`` listing each part's
+    record file, device, host, times and counts. A whole run only calls ``merge()`` (its ``run.json`` is written).
+
+    Args:
+        folder: the output folder.
+        record: this run's record (as given to :func:`start_part`).
+        part: ``(part_id, num_parts)``; None or one part: a whole run.
+        merge: what the last part does before ``run.json`` is written.
+        counts: numbers to keep in the part's record (``{"cases": 12, "failed": 0}``).
+
+    Returns:
+        Whether this process merged the run (every part has finished).
+    """
+    from anofpdm_monai.provenance import read_run_record, write_run_record
+
+    folder = Path(folder)
+    if part is None or part[1] <= 1:
+        if merge is not None:
+            merge()
+        return True
+    own = folder / part_file_name(RUN_RECORD, part)
+    with merge_lock(folder):
+        started = (read_run_record(own) or {}).get("part")
+        info = {**(started if isinstance(started, dict) else {}), "id": part[0], "count": part[1], "state": "finished",
+                "finished": _now(), **(counts or {})}  # fmt: skip
+        write_run_record(folder, {**record, "part": info}, own.name)
+        records = {path: read_run_record(path) or {} for path in part_records(folder, part[1]).values()}
+        parts = {path: r.get("part") for path, r in records.items()}
+        if len(records) < part[1] or any(not isinstance(p, dict) or p.get("state") != "finished" for p in parts.values()):
+            return False
+        if merge is not None:
+            merge()
+        settings = {k: v for k, v in dict(record.get("settings", {})).items() if k != "part_id"}
+        listed = [{"file": path.name, "device": records[path].get("settings", {}).get("device"), **p} for path, p in parts.items()]
+        merged = {k: v for k, v in record.items() if k != "part"}
+        write_run_record(folder, {**merged, "settings": settings, "parts": listed})
+        return True
+
+
+@contextlib.contextmanager
+def merge_lock(folder: str | Path, poll_s: float = 0.2) -> Iterator[Path]:
+    """Hold ``FOLDER/anofpdm.merge.lock`` (created with ``O_EXCL``) inside the block: the parts of a run update their
+    records and merge one at a time. Another holder is waited for; a lock left by a process that has ended (this
+    host) or older than :data:`MERGE_LOCK_STALE_S` (another host) is taken over.
+
+    Raises:
+        InputError: the folder cannot be written.
+    """
+    path = Path(folder) / MERGE_LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            if not _remove_if_stale_merge_lock(path):
+                time.sleep(poll_s)
+            continue
+        except OSError as err:
+            raise InputError(f"{path}: cannot create the merge lock ({err.strerror}); choose a writable output folder") from err
+        with os.fdopen(fd, "w") as f:
+            f.write(_lock_text("merge"))
+        break
+    try:
+        yield path
+    finally:
+        if _read_lock(path).get("pid") == os.getpid() and _read_lock(path).get("host") == socket.gethostname():
+            path.unlink(missing_ok=True)
+
+
+def _remove_if_stale_merge_lock(path: Path) -> bool:
+    """Remove the merge lock at ``path`` if its holder has ended; whether it did. The lock is first renamed to a
+    name of this process's, and put back if it turns out to be a fresh one taken meanwhile by another part."""
+    holder = _read_lock(path)
+    pid, here = holder.get("pid"), holder.get("host") == socket.gethostname()
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return True  # gone meanwhile: try again at once
+    if here and isinstance(pid, int):
+        stale = not _alive(pid)
+    else:  # another host's, or unreadable (being written: give it a moment)
+        stale = age > (MERGE_LOCK_STALE_S if holder else 60)
+    if not stale:
+        return False
+    aside = path.with_name(f"{path.name}.stale-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return True  # another part took it over first
+    if _read_lock(aside) != holder:  # a fresh lock replaced the stale one between the reads: give it back
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass
+    aside.unlink(missing_ok=True)
+    return True

@@ -45,13 +45,14 @@ from anofpdm_monai.io import (
     atomic_write_json,
     check_case_id,
     check_label_values,
+    check_same_grid,
     load_nifti,
+    voxel_volume_mm3,
 )
 from anofpdm_monai.metrics import volume_dice
 from anofpdm_monai.provenance import write_run_record
 from anofpdm_monai.readers import detect_layout, read_cases
 
-AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference between the affine entries of a prediction and its label (mm) still taken as one grid."""
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -240,18 +241,10 @@ def read_label_map(path: str | Path, label: bool = False) -> tuple[np.ndarray, n
     return data, image
 
 
-def check_same_grid(prediction: Path, pred_image: nib.Nifti1Image, label: Path, label_image: nib.Nifti1Image) -> None:
-    """Refuse a prediction that is not on its label's voxel grid (shape, and affine within :data:`AFFINE_TOLERANCE_MM`)."""
-    pred_shape, label_shape = tuple(pred_image.shape[:3]), tuple(label_image.shape[:3])
+def check_prediction_grid(prediction: Path, pred_image: nib.Nifti1Image, label: Path, label_image: nib.Nifti1Image) -> None:
+    """Refuse a prediction that is not on its label's voxel grid (:func:`~anofpdm_monai.io.check_same_grid`)."""
     fix = "write the prediction on the label's grid (anofpdm segment keeps its input's grid) or resample it first"
-    if pred_shape != label_shape:
-        raise InputError(f"{prediction}: shape {pred_shape} differs from its label {label} {label_shape}; {fix}")
-    gap = float(np.max(np.abs(pred_image.affine - label_image.affine)))
-    if not gap <= AFFINE_TOLERANCE_MM:
-        raise InputError(
-            f"{prediction}: affine differs from its label {label}'s by up to {gap:.4g} mm (tolerance "
-            f"{AFFINE_TOLERANCE_MM} mm); {fix}"
-        )
+    check_same_grid(prediction, pred_image, f"its label {label}", label_image, fix)
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
@@ -260,8 +253,8 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
 
 
 def voxel_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel in ml: ``|det(affine[:3, :3])| / 1000``."""
-    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])) / 1000.0)
+    """Volume of one voxel in ml: :func:`~anofpdm_monai.io.voxel_volume_mm3` / 1000."""
+    return voxel_volume_mm3(affine) / 1000.0
 
 
 # ---------------------------------------------------------------------------
@@ -769,7 +762,7 @@ def score_pair(pair: MaskPair, convention: str | Convention = "default", label_s
         pred_map = np.zeros_like(truth_map)
     else:
         pred_map, pred_image = read_label_map(pair.prediction)
-        check_same_grid(pair.prediction, pred_image, pair.label, label_image)
+        check_prediction_grid(pair.prediction, pred_image, pair.label, label_image)
     files = {"prediction_missing": pair.prediction is None, "prediction": str(pair.prediction or ""), "label": str(pair.label)}
     return [
         {"case": pair.case_id, "region": region.name,

@@ -33,6 +33,7 @@ from anofpdm_monai.io import (
     InputError,
     InputWarning,
     affine_mm,
+    check_same_grid,
     check_case_voxels,
     check_field_voxels,
     check_label_values,
@@ -40,7 +41,6 @@ from anofpdm_monai.io import (
 )
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-AFFINE_TOLERANCE_MM = 1e-3
 """Largest difference between two channels' affines (entries, mm) still taken as the same grid."""
 
 
@@ -130,11 +130,7 @@ SAME_GRID_RULE = "all channels of a case must share one grid (resample them onto
 
 def _check_same_grid(first: tuple[Path, nib.Nifti1Image], other: tuple[Path, nib.Nifti1Image], rule: str = SAME_GRID_RULE) -> None:
     (p0, im0), (p1, im1) = first, other
-    if im0.shape[:3] != im1.shape[:3]:
-        raise InputError(f"{p1}: shape {im1.shape[:3]} differs from {p0.name} {im0.shape[:3]}; {rule}")
-    diff = float(np.abs(affine_mm(im0) - affine_mm(im1)).max())
-    if diff > AFFINE_TOLERANCE_MM:
-        raise InputError(f"{p1}: affine differs from {p0.name} by up to {diff:.3g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); {rule}")
+    check_same_grid(p1, im1, p0.name, im0, rule)
 
 
 class RegisterToTemplated(MapTransform):

@@ -52,6 +52,7 @@ import torch
 from scipy import ndimage
 
 from anofpdm_monai.forward_process import ForwardProcessResult
+from anofpdm_monai.io import voxel_volume_mm3
 from anofpdm_monai.methods import (
     DEFAULT_FP_RATE,
     ENCODINGS,
@@ -340,7 +341,7 @@ def input_grid_mask(slices: SegmentationResult, geometry: CaseGeometry, section:
     maps = slices.maps.float().cpu()
     anomaly = slices_to_volume(maps, geometry, "map")
     covered = slices_to_volume(torch.ones_like(maps), geometry, "mask").astype(bool)  # brain slices, within the brain
-    voxel_mm3 = float(abs(np.linalg.det(np.asarray(geometry.input_affine, dtype=np.float64)[:3, :3])))
+    voxel_mm3 = voxel_volume_mm3(geometry.input_affine)
     kept = keep_components((anomaly >= section.pixel_threshold) & covered, section.min_lesion_mm3, unit="mm3", voxel_mm3=voxel_mm3)
     if setup == "unhealthy" or not kept.any():
         return kept.astype(np.uint8)

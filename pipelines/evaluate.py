@@ -10,7 +10,14 @@ from anofpdm_monai.logs import get_logger
 from anofpdm_monai.methods import all_methods
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings
 from anofpdm_monai.tuning import DEFAULT_TUNING_SLICES, parse_tune_options
-from pipelines.options import add_brain_mask_argument, add_device_arguments, add_max_voxels_argument, cli_message, record_of
+from pipelines.options import (
+    add_brain_mask_argument,
+    add_device_arguments,
+    add_max_voxels_argument,
+    add_parts_arguments,
+    cli_message,
+    record_of,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--continue", dest="resume", action="store_true",
         help="skip cases finished by an earlier run into -o; refused if that run used another model or settings (run.json)",
     )  # fmt: skip
-    parser.add_argument("--num-parts", type=int, default=1, help="split the cohort into parts (nnU-Net style)")
-    parser.add_argument("--part-id", type=int, default=0, help="which part this process evaluates, 0 .. --num-parts - 1")
+    add_parts_arguments(parser, "evaluates")
     parser.add_argument("--report", action="store_true", help="also write the cohort report RESULTS/report/index.html (as 'anofpdm report')")
     add_brain_mask_argument(parser, "raw cohorts only (a store was masked when preprocessed); default: the model folder's")
     add_max_voxels_argument(parser)
@@ -54,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     methods = None if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     evaluation = EvaluationSettings(
         methods=methods, split=args.split, max_slices=args.max_slices, val_data=args.val_data, tune=parse_tune_options(args.tune),
-        tune_slices=args.tune_slices, resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, report=args.report,
+        tune_slices=args.tune_slices, resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, parts_from=args.parts_from,
+        report=args.report,
     )  # fmt: skip
     model = AnoFPDMModel.from_folder(args.model, args.device)
     log = get_logger()

@@ -33,6 +33,19 @@ def add_brain_mask_argument(parser: argparse.ArgumentParser, default: str) -> No
     )  # fmt: skip
 
 
+def add_parts_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--num-parts``, ``--part-id``, ``--parts-from`` of a cohort verb (``segment``, ``evaluate``): which part of the
+    cohort this process runs (:func:`anofpdm_monai.distributed.resolve_parts`)."""
+    from anofpdm_monai.distributed import PARTS_FROM
+
+    parser.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (nnU-Net style; "
+                        "under torchrun each part is split again among the ranks)")  # fmt: skip
+    parser.add_argument("--part-id", type=int, default=0, help=f"which part this process {verb}, in [0, --num-parts)")
+    parser.add_argument("--parts-from", default="args", choices=PARTS_FROM,
+                        help="where the part comes from: args (--num-parts/--part-id), torchrun (one per rank) or slurm "
+                             "(one per array task: SLURM_ARRAY_TASK_ID, _COUNT, ...) (docs/cluster.md)")  # fmt: skip
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--precision``, shared by every verb that runs the network for inference."""
     parser.add_argument("--device", default="auto", help="where the network runs: auto (cuda when available), cpu, cuda or cuda:N")

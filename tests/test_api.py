@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -94,6 +95,10 @@ def test_sharded_runs_give_the_union_of_a_full_run(model, cohort, tmp_path, monk
     full = sorted(p.name for p in (tmp_path / "full").glob("*.nii.gz"))
     assert len(full) == 6  # three cases, mask + map each
     assert sorted(p.name for p in (tmp_path / "parts").glob("*.nii.gz")) == full
+    merged = json.loads((tmp_path / "parts" / "run.json").read_text())  # the last part to finish names both
+    assert [p["file"] for p in merged["parts"]] == ["run.part-0-of-2.json", "run.part-1-of-2.json"]
+    assert [p["cases"] for p in merged["parts"]] == [2, 1] and all(p["state"] == "finished" for p in merged["parts"])
+    assert sorted(p.name for p in (tmp_path / "parts").glob("segment*.log")) == ["segment.part-0-of-2.log", "segment.part-1-of-2.log"]
     for name in full:
         a, b = nib.load(str(tmp_path / "full" / name)), nib.load(str(tmp_path / "parts" / name))
         assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), name
@@ -160,3 +165,26 @@ def test_segment_records_keeps_order_and_goes_on_after_a_bad_case(model, cohort,
     assert "broken.nii.gz" in str(outcomes[1].error)
     written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
     assert written == sorted(f"{r.case_id}{s}.nii.gz" for r in records for s in ("", "_anomaly"))
+
+
+def test_two_torchrun_ranks_each_segment_their_part_and_the_last_merges_the_record(model, cohort, tmp_path):
+    """Under torchrun (gloo-free: the parts need no process group) each rank segments its round-robin part,
+    keeps run.part-K-of-2.json and segment.part-K-of-2.log, and the last to finish writes run.json."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ranks"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "pipelines.cli",
+           "segment", "-m", str(model), "-i", str(cohort), "-o", str(out), "--parts-from", "torchrun", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cases = sorted(p.name for p in cohort.iterdir() if p.is_dir())
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted([f"{c}.nii.gz" for c in cases] + [f"{c}_anomaly.nii.gz" for c in cases])
+    merged = json.loads((out / "run.json").read_text())
+    assert [p["file"] for p in merged["parts"]] == ["run.part-0-of-2.json", "run.part-1-of-2.json"]
+    assert sorted(p["cases"] for p in merged["parts"]) == [1, 2]
+    assert sorted(p.name for p in out.glob("segment*.log")) == ["segment.part-0-of-2.log", "segment.part-1-of-2.log"]
+    assert not list(out.glob("*.lock")), "every rank released its lock"

@@ -59,3 +59,46 @@ def test_parts_come_from_torchrun_or_from_the_arguments():
     parts = [shard(list(range(7)), 3, p) for p in range(3)]
     assert sorted(sum(parts, [])) == list(range(7)) and parts[0] == [0, 3, 6]
     assert distributed.barrier(ProcessRank()) is None  # one process: no group, no wait
+
+
+SLURM = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "9", "SLURM_ARRAY_TASK_STEP": "2",
+         "SLURM_ARRAY_TASK_COUNT": "5"}  # fmt: skip
+
+
+def test_slurm_array_tasks_are_parts_numbered_from_0():
+    from anofpdm_monai.distributed import slurm_part
+
+    assert slurm_part(SLURM) == (5, 3), "tasks 1, 3, 5, 7, 9: task 7 is part 3 of 5"
+    assert slurm_part({**SLURM, "SLURM_ARRAY_TASK_ID": "1"}) == (5, 0)
+    no_step = {k: v for k, v in SLURM.items() if k != "SLURM_ARRAY_TASK_STEP"}
+    assert slurm_part({**no_step, "SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "9"}) == (9, 3)
+    assert resolve_parts(rank=ProcessRank(), parts_from="slurm", environ=SLURM) == (5, 3)
+
+
+@pytest.mark.parametrize("change, variable", [
+    ({"SLURM_ARRAY_TASK_ID": None}, "SLURM_ARRAY_TASK_ID"), ({"SLURM_ARRAY_TASK_COUNT": "x"}, "SLURM_ARRAY_TASK_COUNT"),
+    ({"SLURM_ARRAY_TASK_ID": "4"}, "SLURM_ARRAY_TASK_ID"), ({"SLURM_ARRAY_TASK_COUNT": "3"}, "SLURM_ARRAY_TASK_COUNT"),
+    ({"SLURM_ARRAY_TASK_STEP": "0"}, "SLURM_ARRAY_TASK_STEP"),
+])  # fmt: skip
+def test_a_bad_or_gapped_slurm_array_is_refused_naming_the_variable(change, variable):
+    from anofpdm_monai.distributed import slurm_part
+
+    environ = {k: v for k, v in {**SLURM, **change}.items() if v is not None}
+    with pytest.raises(InputError, match=rf"environment variable {variable}\b") as err:
+        slurm_part(environ)
+    assert "\n" not in str(err.value)
+
+
+def test_parts_from_torchrun_slurm_or_arguments_and_never_two_at_once():
+    assert resolve_parts(1, 0, ProcessRank(1, 2, 1), parts_from="torchrun", environ={"WORLD_SIZE": "2"}) == (2, 1)
+    with pytest.raises(InputError, match="WORLD_SIZE is not set"):
+        resolve_parts(rank=ProcessRank(), parts_from="torchrun", environ={})
+    with pytest.raises(InputError, match="give one or the other"):
+        resolve_parts(4, 1, ProcessRank(), parts_from="slurm", environ=SLURM)
+    with pytest.raises(InputError, match="parts_from='mpi'"):
+        resolve_parts(parts_from="mpi", rank=ProcessRank(), environ={})
+    # a SLURM array of torchrun jobs: part 3 of 5, split again among 2 ranks, covers its share exactly once
+    ranks = [resolve_parts(rank=ProcessRank(r, 2, r), parts_from="slurm", environ=SLURM) for r in (0, 1)]
+    assert ranks == [(10, 3), (10, 8)]
+    cases = list(range(40))
+    assert sorted(shard(cases, *ranks[0]) + shard(cases, *ranks[1])) == shard(cases, 5, 3)

@@ -377,9 +377,26 @@ def test_two_parts_give_the_same_results_as_one(train_split_run, tmp_path, capsy
     assert evaluate(*args, "-o", parts, "--num-parts", 2, "--part-id", 0) == 0
     assert "1 of 2 cases done" in capsys.readouterr().out
     assert len(list((parts / "cases").glob("*.npz"))) == 1 and not (parts / "summary.json").exists()
+    first = json.loads((parts / "run.part-0-of-2.json").read_text())
+    assert first["part"]["state"] == "finished" and first["part"]["cases"] == 1 and not (parts / "run.json").exists()
+    assert (parts / "evaluate.part-0-of-2.log").is_file(), "each part logs to its own file"
     assert evaluate(*args, "-o", parts, "--num-parts", 2, "--part-id", 1) == 0
     assert len(list((parts / "cases").glob("*.npz"))) == 2
     assert_same_results(parts, whole)
+    merged = json.loads((parts / "run.json").read_text())  # written by the last part to finish
+    assert [p["file"] for p in merged["parts"]] == ["run.part-0-of-2.json", "run.part-1-of-2.json"]
+    assert all(p["state"] == "finished" for p in merged["parts"]) and "part_id" not in merged["settings"]
+
+
+def test_a_part_with_other_settings_is_refused_naming_both_records(train_split_run, tmp_path, capsys):
+    args, _ = train_split_run
+    parts = tmp_path / "parts"
+    assert evaluate(*args, "-o", parts, "--num-parts", 2, "--part-id", 0) == 0
+    capsys.readouterr()
+    assert evaluate(*args, "-o", parts, "--num-parts", 2, "--part-id", 1, "--seed", 5) != 0
+    err = capsys.readouterr().err
+    assert "run.part-1-of-2.json" in err and "run.part-0-of-2.json" in err and "seed" in err
+    assert not (parts / "summary.json").exists() and len(list((parts / "cases").glob("*.npz"))) == 1
 
 
 def test_parts_finish_when_max_slices_leaves_a_case_empty(model, brats_store, tmp_path):

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from anofpdm_monai.io import load_nifti
-from anofpdm_monai.transforms import AFFINE_TOLERANCE_MM
+from anofpdm_monai.io import AFFINE_TOLERANCE_MM
 
 from . import volumes as V
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from anofpdm_monai.forward_process import X0_TOLERANCE
-from anofpdm_monai.transforms import AFFINE_TOLERANCE_MM
+from anofpdm_monai.io import AFFINE_TOLERANCE_MM
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 
