@@ -19,6 +19,11 @@ Differences from the reference implementation, all deliberate (see ALGORITHM.md 
 * statistics are streamed: a running sum of SAMs plus snapshots taken whenever ``d`` reaches a new
   strict maximum, so memory does not grow with the number of steps (the reference keeps every
   step's predictions).
+
+The anomaly maps are registered streaming reducers (:class:`MapReducer`, :func:`register_map_reducer`):
+``"aggregated"`` (the AAM, eq. 20) and ``"last"`` (the SAM at t_e, eq. 19) are built in; a new decision
+variant that needs another reduction of the SAMs registers its own and finds it in
+``ForwardProcessResult.maps`` without an edit of this engine.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ class ForwardProcessResult:
         divergence: (G, B, K, M) mean squared difference between HGP and UGP, d (eq. 12).
         end_index: (G, B, M) long, index into ``timesteps`` of the end step t_e: the first argmax of d (eq. 21).
         dmax: (G, B, M) the maximum of d over the visited steps.
-        aggregated_map: (G, B, M, S, S) per-channel aggregated anomaly map AAM (eq. 20).
-        last_map: (G, B, M, S, S) the sub-anomaly map at t_e only (eq. 19).
+        maps: ``{reducer name: (G, B, M, S, S)}`` per-channel maps of the registered :class:`MapReducer`
+            s that ran (:data:`MAP_REDUCERS`; e.g. ``"aggregated"``, the AAM of eq. 20, read as
+            :attr:`aggregated_map`, and ``"last"``, the SAM at t_e of eq. 19, read as :attr:`last_map`).
         network_calls: number of (batched) network calls made, one per visited step.
         map_channels: indices of the map channels into the C input channels.
         include_end_step: whether the AAM averages up to and including t_e (True) or excluding it (False).
@@ -66,12 +72,27 @@ class ForwardProcessResult:
     divergence: torch.Tensor
     end_index: torch.Tensor
     dmax: torch.Tensor
-    aggregated_map: torch.Tensor
-    last_map: torch.Tensor
+    maps: dict[str, torch.Tensor]
     network_calls: int
     map_channels: tuple[int, ...] = (0,)
     include_end_step: bool = True
     encoding: str = "ddim"
+
+    def map(self, name: str) -> torch.Tensor:
+        """(G, B, M, S, S) the map of reducer ``name``; a KeyError naming the reducers that ran otherwise."""
+        if name not in self.maps:
+            raise KeyError(f"no {name!r} map: this forward process ran the map reducers {sorted(self.maps)}")
+        return self.maps[name]
+
+    @property
+    def aggregated_map(self) -> torch.Tensor:
+        """(G, B, M, S, S) per-channel aggregated anomaly map AAM (eq. 20): ``maps["aggregated"]``."""
+        return self.map("aggregated")
+
+    @property
+    def last_map(self) -> torch.Tensor:
+        """(G, B, M, S, S) the sub-anomaly map at t_e only (eq. 19): ``maps["last"]``."""
+        return self.map("last")
 
     @property
     def end_step(self) -> torch.Tensor:
@@ -87,6 +108,7 @@ class ForwardProcessResult:
         for f in fields(self):
             value = getattr(self, f.name)
             values[f.name] = value[g : g + 1] if f.name in ("guidance_scales", *PER_SLICE_FIELDS) else value
+        values["maps"] = {name: m[g : g + 1] for name, m in self.maps.items()}
         return ForwardProcessResult(**values)
 
     @staticmethod
@@ -103,11 +125,102 @@ class ForwardProcessResult:
                 raise ValueError("the parts were run with other timesteps or guidance strengths; they are not one run")
         values = {f.name: getattr(first, f.name) for f in fields(first)}
         values.update({name: torch.cat([getattr(p, name) for p in parts], dim=1) for name in PER_SLICE_FIELDS})
+        if any(set(p.maps) != set(first.maps) for p in parts):
+            raise ValueError("the parts ran other map reducers; they are not one run")
+        values["maps"] = {name: torch.cat([p.maps[name] for p in parts], dim=1) for name in first.maps}
         return ForwardProcessResult(**values)
 
 
-PER_SLICE_FIELDS = ("mse_h", "mse_u", "divergence", "end_index", "dmax", "aggregated_map", "last_map")
-"""The fields of :class:`ForwardProcessResult` with a (G, B, ...) layout."""
+PER_SLICE_FIELDS = ("mse_h", "mse_u", "divergence", "end_index", "dmax")
+"""The fields of :class:`ForwardProcessResult` with a (G, B, ...) layout (and every map of ``maps``)."""
+
+
+class MapReducer:
+    """A streaming reduction of the sub-anomaly maps ``SAM_t = (HGP - x_0)^2`` (eq. 19) into one map per slice.
+
+    The engine makes one per forward process and calls :meth:`update` at every visited step, in order;
+    its memory must not grow with the number of steps. Subclass it and register the class with
+    :func:`register_map_reducer`; its map is then in every ``ForwardProcessResult.maps[name]``.
+
+    Args:
+        like: (G, B, M, S, S) zeros of the maps' shape, dtype and device.
+        include_end_step: whether averages up to t_e include t_e (the calibration's convention).
+    """
+
+    def __init__(self, like: torch.Tensor, include_end_step: bool) -> None:
+        self.include_end_step = include_end_step
+
+    def update(self, sam: torch.Tensor, improved: torch.Tensor) -> None:
+        """Add one visited step.
+
+        Args:
+            sam: (G, B, M, S, S) this step's sub-anomaly maps.
+            improved: (G, B, M, 1, 1) bool: the divergence reached a new strict maximum at this step (the
+                running t_e moved here).
+        """
+        raise NotImplementedError
+
+    def result(self, end_index: torch.Tensor) -> torch.Tensor:
+        """(G, B, M, S, S) the map, given ``end_index`` (G, B, M), the index of t_e among the visited steps."""
+        raise NotImplementedError
+
+
+class AggregatedMap(MapReducer):
+    """The aggregated anomaly map (eq. 20): the mean SAM from the first visited step up to t_e, as a running
+    sum plus a snapshot taken whenever the divergence reaches a new maximum."""
+
+    def __init__(self, like: torch.Tensor, include_end_step: bool) -> None:
+        super().__init__(like, include_end_step)
+        self.running_sum = torch.zeros_like(like)
+        self.snapshot = torch.zeros_like(like)
+
+    def update(self, sam: torch.Tensor, improved: torch.Tensor) -> None:
+        if not self.include_end_step:
+            self.snapshot = torch.where(improved, self.running_sum, self.snapshot)
+        self.running_sum += sam
+        if self.include_end_step:
+            self.snapshot = torch.where(improved, self.running_sum, self.snapshot)
+
+    def result(self, end_index: torch.Tensor) -> torch.Tensor:
+        """Zeros where no step came before t_e (``include_end_step`` False and t_e the first step)."""
+        count = end_index + 1 if self.include_end_step else end_index
+        return self.snapshot / count.clamp(min=1).to(self.snapshot.dtype)[..., None, None]
+
+
+class LastMap(MapReducer):
+    """The SAM at t_e only (eq. 19 at the end step)."""
+
+    def __init__(self, like: torch.Tensor, include_end_step: bool) -> None:
+        super().__init__(like, include_end_step)
+        self.last = torch.zeros_like(like)
+
+    def update(self, sam: torch.Tensor, improved: torch.Tensor) -> None:
+        self.last = torch.where(improved, sam, self.last)
+
+    def result(self, end_index: torch.Tensor) -> torch.Tensor:
+        return self.last
+
+
+MAP_REDUCERS: dict[str, type[MapReducer]] = {}
+"""The registered map reducers by name (:func:`register_map_reducer`); every forward process runs them all."""
+
+
+def register_map_reducer(name: str, reducer: type[MapReducer]) -> type[MapReducer]:
+    """Add a :class:`MapReducer` subclass under ``name`` (its map: ``ForwardProcessResult.maps[name]``).
+
+    Raises:
+        ValueError: ``name`` is taken by another class, or ``reducer`` is not a MapReducer subclass.
+    """
+    if not (isinstance(reducer, type) and issubclass(reducer, MapReducer)):
+        raise ValueError(f"map reducer {name!r}: {reducer!r} is not a MapReducer subclass")
+    if MAP_REDUCERS.get(name, reducer) is not reducer:
+        raise ValueError(f"a map reducer named {name!r} is already registered ({MAP_REDUCERS[name].__name__})")
+    MAP_REDUCERS[name] = reducer
+    return reducer
+
+
+register_map_reducer("aggregated", AggregatedMap)
+register_map_reducer("last", LastMap)
 
 
 def visited_timesteps(steps: int, stride: int) -> list[int]:
@@ -198,7 +311,7 @@ class StepState:
 
 
 class _StreamingStats:
-    """Running per-step statistics and the aggregated map, in memory independent of the number of steps.
+    """Running per-step statistics and the registered maps, in memory independent of the number of steps.
 
     Args:
         x0_m: (B, M, S, S) the clean slices' map channels.
@@ -210,15 +323,12 @@ class _StreamingStats:
     def __init__(self, x0_m: torch.Tensor, num_scales: int, num_steps: int, include_end_step: bool) -> None:
         batch, channels = x0_m.shape[:2]
         self.x0_m = x0_m
-        self.include_end_step = include_end_step
         curve = (num_scales, batch, num_steps, channels)
         self.mse_h = x0_m.new_zeros(curve)
         self.mse_u = x0_m.new_zeros(curve)
         self.divergence = x0_m.new_zeros(curve)
-        image = (num_scales, *x0_m.shape)
-        self.running_sum = x0_m.new_zeros(image)
-        self.snapshot = x0_m.new_zeros(image)
-        self.last_map = x0_m.new_zeros(image)
+        like = x0_m.new_zeros((num_scales, *x0_m.shape))
+        self.reducers = {name: reducer(like, include_end_step) for name, reducer in MAP_REDUCERS.items()}
         self.dmax = x0_m.new_full((num_scales, batch, channels), -math.inf)
         self.end_index = torch.zeros((num_scales, batch, channels), dtype=torch.long, device=x0_m.device)
 
@@ -236,20 +346,14 @@ class _StreamingStats:
         self.mse_u[:, :, index] = (xu_m - self.x0_m).square().mean(dim=(-2, -1))
         self.divergence[:, :, index] = d
         improved = d > self.dmax  # strict: t_e is the first maximum
-        pixels = improved[..., None, None]
-        if not self.include_end_step:
-            self.snapshot = torch.where(pixels, self.running_sum, self.snapshot)
-        self.running_sum += sam
-        if self.include_end_step:
-            self.snapshot = torch.where(pixels, self.running_sum, self.snapshot)
-        self.last_map = torch.where(pixels, sam, self.last_map)
+        for reducer in self.reducers.values():
+            reducer.update(sam, improved[..., None, None])
         self.end_index = torch.where(improved, torch.full_like(self.end_index, index), self.end_index)
         self.dmax = torch.where(improved, d, self.dmax)
 
-    def aggregated_map(self) -> torch.Tensor:
-        """(G, B, M, S, S): mean SAM over the steps before t_e (and t_e itself if included); zeros if none."""
-        count = self.end_index + 1 if self.include_end_step else self.end_index
-        return self.snapshot / count.clamp(min=1).to(self.snapshot.dtype)[..., None, None]
+    def maps(self) -> dict[str, torch.Tensor]:
+        """``{name: (G, B, M, S, S)}``: every registered reducer's map."""
+        return {name: reducer.result(self.end_index) for name, reducer in self.reducers.items()}
 
 
 def _check_arguments(
@@ -384,8 +488,7 @@ def run_forward_process(
         divergence=stats.divergence,
         end_index=stats.end_index,
         dmax=stats.dmax,
-        aggregated_map=stats.aggregated_map(),
-        last_map=stats.last_map,
+        maps=stats.maps(),
         network_calls=len(timesteps),
         map_channels=map_channels,
         include_end_step=include_end_step,

@@ -25,6 +25,7 @@ from anofpdm_monai import methods as registry
 from anofpdm_monai.api import segment
 from anofpdm_monai.calibration import Calibration
 from anofpdm_monai.evaluation import EvaluationSettings, evaluate_cohort, load_case_results
+from anofpdm_monai.forward_process import MAP_REDUCERS, MapReducer, register_map_reducer
 from anofpdm_monai.methods import (
     AnoFPDMMethod,
     CalibrationSection,
@@ -164,3 +165,66 @@ def test_a_calibration_hook_makes_its_section(model, brats_store, tmp_path):
     saved = json.loads((folder / "calibration.json").read_text())
     assert saved["half"] == {"fraction": 0.5} and saved["volume"]["n_val_volumes"] == 1
     assert outcome.calibration.section("half") == HalfCalibration(0.5)
+
+
+# ---------------------------------------------------------------- a new reduction of the forward process's maps
+
+PEAK = "anofpdm-ddim-peak"
+
+
+class PeakMap(MapReducer):
+    """The largest SAM of each pixel over every visited step (a reduction the engine does not know)."""
+
+    def __init__(self, like: torch.Tensor, include_end_step: bool) -> None:
+        super().__init__(like, include_end_step)
+        self.peak = torch.zeros_like(like)
+
+    def update(self, sam: torch.Tensor, improved: torch.Tensor) -> None:
+        self.peak = torch.maximum(self.peak, sam)
+
+    def result(self, end_index: torch.Tensor) -> torch.Tensor:
+        return self.peak
+
+
+def peak_decision(result, volume, calibration, section: HalfCalibration, setup: str):
+    """The paper's health decision; the map from the 'peak' reducer (channel mean), masks at half its slice maximum."""
+    out = decide_slices(result, calibration, setup=setup)
+    maps = result.maps["peak"][0].mean(dim=1)
+    masks = half_masks(maps, section.fraction)
+    mixed = mixed_setup_masks(masks, out.predicted_unhealthy)
+    return dataclasses.replace(out, maps=maps, masks=mixed if setup == "mixed" else masks, mixed_masks=mixed)
+
+
+@pytest.fixture(scope="module")
+def peak_registered(registered):
+    register_map_reducer("peak", PeakMap)
+    register_decision(Decision("peak", peak_decision, section=SECTION))
+    register(AnoFPDMMethod(PEAK, "the largest SAM over the steps, half-maximum masks", encoding="ddim", variant="peak"))
+    yield
+    for table, name in ((registry.REGISTRY, PEAK), (registry.DECISIONS, "peak"), (MAP_REDUCERS, "peak")):
+        table.pop(name)
+
+
+def test_a_registered_map_reducer_feeds_a_new_variant_through_evaluate_and_segment(peak_registered, model, brats_store, tmp_path):
+    """A map the engine never computed, added from this module: every forward process runs it, and the
+    variant reading it goes through evaluate_cohort and segment with no library edit."""
+    results = tmp_path / "results"
+    evaluation = EvaluationSettings(methods=("anofpdm-ddim", "anofpdm-ddim-last", PEAK), max_slices=6)
+    outcome = evaluate_cohort(AnoFPDMModel.from_folder(model, "cpu"), brats_store, results, InferenceSettings(precision="fp32"),
+                              evaluation, progress=False)  # fmt: skip
+    assert not outcome.failed and PEAK in outcome.summary
+    for case in outcome.done:
+        arrays, facts = load_case_results(results / "cases" / f"{case}.npz")
+        peak, last = arrays[f"{PEAK}/maps"], arrays["anofpdm-ddim-last/maps"]
+        assert facts[PEAK]["calls"] == facts["anofpdm-ddim"]["calls"], "one forward process for the three"
+        assert (peak > 0).any() and not np.array_equal(peak, last)
+    write_case(tmp_path / "BraTS2021_00011", "BraTS2021_00011", AFFINES["LPS"])
+    [out] = segment([str(tmp_path / "BraTS2021_00011")], model, method=PEAK, device="cpu", progress=False, output_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "BraTS2021_00011.nii.gz").is_file() and out.result.slices.maps.shape[0] > 0
+
+
+def test_map_reducers_refuse_a_taken_name_or_a_non_reducer():
+    with pytest.raises(ValueError, match="already registered"):
+        register_map_reducer("aggregated", PeakMap)
+    with pytest.raises(ValueError, match="not a MapReducer subclass"):
+        register_map_reducer("nope", dict)

@@ -183,7 +183,7 @@ def test_segment_keeps_the_health_score_and_d_of_its_decision():
     result = ForwardProcessResult(
         timesteps=torch.tensor([0, 5, 10]), guidance_scales=torch.tensor([1.0]), mse_h=mse_h, mse_u=mse_u,
         divergence=divergence, end_index=divergence.argmax(dim=2), dmax=divergence.amax(dim=2),
-        aggregated_map=torch.rand(1, b, m, s, s, generator=g), last_map=torch.rand(1, b, m, s, s, generator=g),
+        maps={"aggregated": torch.rand(1, b, m, s, s, generator=g), "last": torch.rand(1, b, m, s, s, generator=g)},
         network_calls=k, map_channels=(0, 1),
     )  # fmt: skip
     sim = F.cosine_similarity(mse_h[0].mean(-1), mse_u[0].mean(-1), dim=-1)

@@ -32,8 +32,8 @@ def _result(maps: torch.Tensor, dmax: torch.Tensor | None = None) -> ForwardProc
     dmax = torch.zeros(1, b, 2) if dmax is None else dmax.view(1, b, 1).expand(1, b, 2).clone()
     return ForwardProcessResult(
         timesteps=torch.tensor([0, 10, 20]), guidance_scales=torch.tensor([1.0]), mse_h=curve, mse_u=curve,
-        divergence=curve, end_index=torch.zeros(1, b, 2, dtype=torch.long), dmax=dmax, aggregated_map=per_channel,
-        last_map=per_channel, network_calls=3, map_channels=(0, 1),
+        divergence=curve, end_index=torch.zeros(1, b, 2, dtype=torch.long), dmax=dmax, maps={"aggregated": per_channel,
+        "last": per_channel}, network_calls=3, map_channels=(0, 1),
     )  # fmt: skip
 
 
