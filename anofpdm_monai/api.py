@@ -29,7 +29,7 @@ import torch
 from anofpdm_monai.distributed import resolve_parts, shard
 from anofpdm_monai.inferers import VolumeInferer, VolumeResult
 from anofpdm_monai.io import InputError, image_like
-from anofpdm_monai.model import AnoFPDMModel, InferenceSettings
+from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, default_method
 from anofpdm_monai.outputs import SEGMENT_SETTINGS, check_segment_outputs, finished, segment_outputs, settings_record
 from anofpdm_monai.provenance import inference_settings
 from anofpdm_monai.readers import CaseRecord, brain_mask_file, records_for_inference
@@ -249,7 +249,8 @@ def segment(
             model's channel order).
         model: a loaded :class:`AnoFPDMModel`, a model folder or ``"bundled"``.
         output_dir: also write ``CASE.nii.gz`` / ``CASE_anomaly.nii.gz`` there (None: write nothing).
-        settings: inference settings; ``**overrides`` replace its fields (e.g. ``method="anofpdm-ddim-volume"``).
+        settings: inference settings; ``**overrides`` replace its fields (e.g. ``method="anofpdm-ddim"``). Without
+            either naming a method, the one ``anofpdm segment`` runs (:func:`~anofpdm_monai.model.default_method`).
         device: ``auto``, ``cpu`` or ``cuda`` (when ``model`` is not loaded yet).
         save_anomaly: ``masked`` (zero outside the brain), ``full`` or ``none`` (no map).
         save_png: also write PNG overlays (with ``output_dir``).
@@ -263,6 +264,8 @@ def segment(
     """
     from tqdm.auto import tqdm
 
+    if settings is None and "method" not in overrides:  # the method anofpdm segment runs when none is named
+        overrides["method"] = default_method(model.folder if isinstance(model, AnoFPDMModel) else model)
     inferer = VolumeInferer(model, settings, device=device, **overrides)
     with tempfile.TemporaryDirectory(prefix="anofpdm_inputs_") as scratch:
         records = records_from(inputs, Path(scratch))

@@ -32,7 +32,7 @@ from anofpdm_monai import __version__
 from anofpdm_monai.bundled import BUNDLED_MODELS, resolve_model_dir
 from anofpdm_monai.config import TRAINING_SETTINGS_FILE, ModelConfig
 from anofpdm_monai.io import InputError, atomic_write_json, atomic_write_text
-from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods, calibration_path
+from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods, calibration_path, default_method
 from anofpdm_monai.networks import load_model_folder, network_arguments
 
 BUNDLE_VERSION = "0.1.0"
@@ -148,14 +148,16 @@ def write_bundle(root: Path, folder: Path, config: ModelConfig, data_source: str
     for path in carried:
         shutil.copyfile(path, models / path.name)
     methods = available_methods(folder, kinds=("anofpdm",))
-    atomic_write_json(root / "configs" / "inference.json", inference_config(config))
+    atomic_write_json(root / "configs" / "inference.json", inference_config(config, default_method(folder)))
     atomic_write_json(root / "configs" / "metadata.json", bundle_metadata(config, data_source, version, methods))
     atomic_write_text(root / "docs" / "README.md", bundle_readme(config, data_source, methods))
     atomic_write_text(root / "docs" / "license.txt", f"{LICENSE}: https://www.apache.org/licenses/LICENSE-2.0\n")
 
 
-def inference_config(config: ModelConfig) -> dict[str, Any]:
+def inference_config(config: ModelConfig, method: str) -> dict[str, Any]:
     """The ``configs/inference.json`` of a model: every component built by ``_target_`` from named arguments.
+
+    ``method`` is its default (the one ``anofpdm segment`` runs on the model folder, :func:`~anofpdm_monai.model.default_method`).
 
     Overridable on the command line (``--id value``): ``dataset_dir``, ``output_dir``, ``device``, and
     the inference settings ``method``, ``steps``, ``stride``, ``batch_size``, ``seed``, ``precision``,
@@ -169,7 +171,7 @@ def inference_config(config: ModelConfig) -> dict[str, Any]:
         "dataset_dir": DEFAULT_DATASET_DIR,
         "output_dir": "$@bundle_root + '/eval'",
         "device": "auto",
-        "method": defaults.method,
+        "method": method,
         "steps": defaults.steps,
         "stride": defaults.stride,
         "batch_size": defaults.batch_size,

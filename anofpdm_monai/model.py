@@ -85,6 +85,18 @@ def available_methods(model_dir: str | Path, kinds: tuple[str, ...] = KINDS) -> 
     return found
 
 
+PREFERRED_METHODS = ("anofpdm-ddim-volume", "anofpdm-ddim")
+"""What ``segment`` runs when no method is named, in order of preference (:func:`default_method`)."""
+
+
+def default_method(model_dir: str | Path) -> str:
+    """The method ``segment`` runs when none is named: the volume family (``anofpdm-ddim-volume``, the better one on
+    lesions the project never drew; docs/segment.md, *Two families*) where the model's calibration has its section,
+    else the paper's ``anofpdm-ddim``."""
+    found = available_methods(resolve_model_dir(model_dir))
+    return next((m for m in PREFERRED_METHODS if m in found), PREFERRED_METHODS[-1])
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """What one inference run chooses; everything else comes from the model folder.

@@ -12,7 +12,7 @@ from anofpdm_monai.inferers import SAVE_ANOMALY, VolumeInferer
 from anofpdm_monai.io import InputError, part_file_name
 from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.methods import anofpdm_methods
-from anofpdm_monai.model import DEFAULT_BATCH_SIZE, InferenceSettings
+from anofpdm_monai.model import DEFAULT_BATCH_SIZE, InferenceSettings, default_method
 from anofpdm_monai.outputs import SEGMENT_SETTINGS, check_segment_outputs, continuation_record, finish_part, lock_folder, start_part
 from anofpdm_monai.provenance import RUN_RECORD, check_continuation, inference_settings
 from anofpdm_monai.readers import records_for_inference
@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="trained model folder, or 'bundled'")
     parser.add_argument("-i", "--input", required=True, nargs="+", help="case folder(s), NIfTI file(s), a cohort folder or a manifest CSV")
     parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.add_argument("--method", default="anofpdm-ddim", choices=sorted(anofpdm_methods()), help="decision method (docs/segment.md)")
+    parser.add_argument("--method", default=None, choices=sorted(anofpdm_methods()),
+                        help="decision method (docs/segment.md); default: anofpdm-ddim-volume where the model's calibration has "
+                             "the volume family, else the paper's anofpdm-ddim")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: calibrated)")
     parser.add_argument("--stride", type=int, default=None, help="stride k (default: calibrated)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     records = shard(records_for_inference(args.input), num_parts, part_id)
     out_dir = Path(args.output)
     settings = InferenceSettings(
-        method=args.method, steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed,
+        method=args.method or default_method(args.model), steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed,
         precision=args.precision, keep_3d_components=args.keep_3d_components, brain_mask=args.brain_mask,
         compile=args.compile,
     )  # fmt: skip

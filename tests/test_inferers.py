@@ -115,3 +115,16 @@ def test_the_volume_family_decides_on_the_input_grid_in_mm3(model, case, monkeyp
     healthy = dataclasses.replace(result.slices, predicted_unhealthy=torch.zeros_like(result.slices.predicted_unhealthy))
     assert not input_grid_mask(healthy, geometry, section, "mixed").any(), "no anchor, no component"
     assert np.array_equal(input_grid_mask(healthy, geometry, section, "unhealthy"), input_grid_mask(result.slices, geometry, section, "unhealthy"))
+
+
+def test_segment_defaults_to_the_volume_family_where_the_calibration_has_it(model, tmp_path):
+    import json
+
+    from anofpdm_monai.model import default_method
+    from pipelines.cli import main
+
+    assert default_method(model) == "anofpdm-ddim-volume"
+    assert default_method(make_model(tmp_path / "old")) == "anofpdm-ddim", "no volume section: the paper's method"
+    case = write_case(tmp_path / "BraTS2021_00008", "BraTS2021_00008", AFFINES["LPS"], names=("flair", "t1", "t1ce", "t2"))
+    assert main(["segment", "-m", str(model), "-i", str(case["paths"][0].parent), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "out" / "BraTS2021_00008.json").read_text())["settings"]["method"] == "anofpdm-ddim-volume"
