@@ -24,6 +24,7 @@ import torch
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, lesion_polarity
 from anofpdm_monai.data import PreprocessedStore
 from anofpdm_monai.distributed import resolve_parts, shard
+from anofpdm_monai.forward_process import visited_timesteps
 from anofpdm_monai.inferers import ForwardProcessInferer, VolumeInferer, slice_seeds, write_segmentation
 from anofpdm_monai.io import (
     InputError,
@@ -54,7 +55,7 @@ from anofpdm_monai.metrics import (
     volume_dice,
 )
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods
-from anofpdm_monai.networks import HEALTHY, UNHEALTHY
+from anofpdm_monai.networks import HEALTHY, UNHEALTHY, time_call
 from anofpdm_monai.outputs import case_record, check_segment_outputs, continuation_record, finish_part, finished, lock_folder, start_part
 from anofpdm_monai.provenance import check_continuation, inference_settings, run_record, write_run_record
 from anofpdm_monai.readers import LESION_LABELS, brain_mask_file, detect_layout, read_cases
@@ -529,6 +530,77 @@ class EvaluationOutcome:
     tuning: dict[str, TuningResult] = dataclasses.field(default_factory=dict)
 
 
+# A run's seconds per second of its network calls, for the plan's estimate (docs/evaluate.md: measured 1.2 on a
+# preprocessed store and 1.4 on a raw cohort with the bundled model on 2 CPU cores; the plan rounds up).
+PLAN_OVERHEAD = 1.5
+
+
+@dataclass
+class RunPlan:
+    """What an evaluate run will do, said in one line before its cases start, with an estimate of how long.
+
+    Attributes:
+        cases: the cases this process evaluates.
+        slices: their slices (None for a raw cohort: known once each case is preprocessed).
+        methods: the methods that run.
+        inputs_per_slice: network inputs per slice of the AnoFPDM forward processes (2 ceil(N / k) per encoding).
+        seconds_per_input: one network input's seconds, timed on this machine before the run.
+        not_estimated: methods whose cost is not known ahead (the reconstruction baselines: their calls depend on
+            their tuned hyperparameters); the estimate after the first case includes them.
+    """
+
+    cases: int
+    slices: int | None
+    methods: list[str]
+    inputs_per_slice: int
+    seconds_per_input: float
+    not_estimated: list[str]
+
+    @classmethod
+    def measure(cls, evaluator: CohortEvaluator, cases: int, slices: int | None) -> RunPlan:
+        """The plan of ``evaluator`` on ``cases`` cases, the network timed with one call (after a warm-up one) of the
+        run's batch shape (2 x batch size inputs)."""
+        inferers = list(evaluator.slice_inferers.values())
+        inputs = sum(2 * len(visited_timesteps(i.steps, i.stride)) for i in inferers)
+        seconds = 0.0
+        if inferers:
+            net = evaluator.model.config.network
+            shape = (2 * evaluator.settings.batch_size, net.in_channels, net.image_size, net.image_size)
+            time_call(inferers[0].predict_eps, shape, evaluator.model.device)  # warm-up
+            seconds = time_call(inferers[0].predict_eps, shape, evaluator.model.device) / shape[0]
+        not_estimated = [m for m, e in evaluator.entries.items() if isinstance(e, ReconstructionMethod)]
+        return cls(cases, slices, list(evaluator.methods), inputs, seconds, not_estimated)
+
+    @property
+    def estimate(self) -> float | None:
+        """Seconds the run should take (without the methods in ``not_estimated``); None when the slices are unknown."""
+        if self.slices is None:
+            return None
+        return PLAN_OVERHEAD * self.slices * self.inputs_per_slice * self.seconds_per_input
+
+    def line(self) -> str:
+        slices = "slices counted as each is preprocessed" if self.slices is None else f"{self.slices} slices"
+        text = f"plan: {self.cases} case(s), {slices}; methods {', '.join(self.methods)}"
+        if self.inputs_per_slice:
+            text += f"; {self.inputs_per_slice} network inputs per slice at {self.seconds_per_input * 1000:.1f} ms each (timed now)"
+        if self.estimate is not None:
+            text += f"; estimated {duration(self.estimate)}"
+            if self.not_estimated:
+                text += f" plus {', '.join(self.not_estimated)}"
+        if self.cases > 1:
+            text += "; re-estimated after the first case"
+        return text
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as people read it: ``42 s``, ``3.5 min``, ``1.2 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def slice_subset(cohort: Cohort, max_slices: int | None, seed: int) -> dict[str, np.ndarray] | None:
     """A fixed, seeded subset of at most ``max_slices`` slices over the cohort (stores only)."""
     if max_slices is None:
@@ -548,9 +620,11 @@ def tune_methods(
     evaluation: EvaluationSettings,
     source: str | Path | None,
     results_dir: Path,
+    progress: bool = True,
 ) -> tuple[dict[str, TuningResult], dict[str, str]]:
     """Tune every reconstruction method of ``contexts`` on ``source``'s validation slices, cached per method in
-    ``RESULTS/tuning/NAME.json`` (reused only when tuned with the same weights, components, data, grid and sample).
+    ``RESULTS/tuning/NAME.json`` (reused only when tuned with the same weights, components, data, grid and sample);
+    ``progress``: a progress bar over each method's tuning.
 
     Returns:
         ``(tuned, skipped)``: the tunings, and ``{method: why}`` for those that could not be tuned.
@@ -578,7 +652,7 @@ def tune_methods(
             points = int(np.prod([len(v) for v in grid.values()]))
             log.info(f"{name}: tuning {points} grid point(s) of {sorted(grid)} on {len(sample[0])} validation slices (pixel labels)")
             try:
-                result = tune(method, context, *sample, grid)
+                result = tune(method, context, *sample, grid, progress=progress)
             except InputError as err:
                 skipped[name] = f"{name} skipped: {err}"
                 continue
@@ -674,7 +748,7 @@ def evaluate_cohort(
             except ComponentMissing as err:
                 skipped[name] = str(err)
     val_source = evaluation.val_data or (source if cohort.store is not None else None)
-    tuned, not_tuned = tune_methods(model, settings, contexts, evaluation, val_source, results)
+    tuned, not_tuned = tune_methods(model, settings, contexts, evaluation, val_source, results, progress)
     skipped.update(not_tuned)
     for line in skipped.values():
         log.warning(line)
@@ -694,10 +768,12 @@ def evaluate_cohort(
     start_part(results, run, part, CONTINUATION_KEYS)  # run.json, or run.part-K-of-N.json for one part
     outcome = EvaluationOutcome(results, methods, skipped, expected, tuning=tuned)
     report_error = on_error or (lambda case_id, err: log.error(f"{case_id}: {err}"))
+    todo = [c for c in mine if not (evaluation.resume and finished(evaluator.case_record_file(c), run, CONTINUATION_KEYS, evaluator.case_file(c)))]
+    plan = RunPlan.measure(evaluator, len(todo), None if cohort.store is None else planned_slices(cohort, todo, keep))
+    log.info(plan.line())
+    started, first_done = time.perf_counter(), False
     desc = f"evaluate {part_id + 1}/{num_parts}" if num_parts > 1 else "evaluate"
-    for case_id in tqdm(mine, desc=desc, unit="case", disable=not progress):
-        if evaluation.resume and finished(evaluator.case_record_file(case_id), run, CONTINUATION_KEYS, evaluator.case_file(case_id)):
-            continue
+    for case_id in tqdm(todo, desc=desc, unit="case", disable=not progress):
         try:
             case = select_slices(cohort.load(case_id), None if keep is None else keep[case_id])
             if len(case.slice_indices) == 0:
@@ -707,6 +783,13 @@ def evaluate_cohort(
         except (InputError, OSError) as err:
             outcome.failed[case_id] = err
             report_error(case_id, err)
+            continue
+        if not first_done and len(todo) > 1:
+            first_done, seconds = True, time.perf_counter() - started
+            log.info(f"the first case took {duration(seconds)}: about {duration(seconds * (len(todo) - 1))} for the other {len(todo) - 1}")
+    if todo:
+        took = time.perf_counter() - started
+        log.info(f"{len(todo)} case(s) evaluated in {duration(took)}" + (f" (planned {duration(plan.estimate)})" if plan.estimate else ""))
 
     def merge() -> None:  # by the last part to finish (or the whole run)
         outcome.done = [c for c in expected if evaluator.case_file(c).is_file()]
@@ -722,6 +805,13 @@ def evaluate_cohort(
         outcome.done = [c for c in expected if evaluator.case_file(c).is_file()]
         log.info(f"{len(outcome.done)} of {len(expected)} cases done; the summary is written when every part has finished")
     return outcome
+
+
+def planned_slices(cohort: Cohort, case_ids: Sequence[str], keep: Mapping[str, np.ndarray] | None) -> int:
+    """The slices of a store's ``case_ids`` the run evaluates (``keep``: the max_slices subset, None: all)."""
+    if keep is not None:
+        return int(sum(len(keep.get(c, ())) for c in case_ids))
+    return int(cohort.rows["patient"].isin(list(case_ids)).sum())
 
 
 def resolved_settings(evaluator: CohortEvaluator, source: str | Path, evaluation: EvaluationSettings, methods: list[str],

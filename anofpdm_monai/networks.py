@@ -219,21 +219,30 @@ def time_executions(
 
     One warm-up round, then ``repeats`` rounds that visit every candidate in turn, so a load on the
     machine that comes and goes weighs on all of them alike."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(input_shape, generator=generator).to(device)
-    t = torch.full((input_shape[0],), 100, dtype=torch.long, device=device)
-    labels = torch.full((input_shape[0],), NULL, dtype=torch.long, device=device)
     seconds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
     for round_ in range(repeats + 1):
         for precision, layout in candidates:
             predictor = NoisePredictor(network, autocast=precision == "bf16", channels_last=layout == "channels_last")
-            synchronize(device)
-            start = time.perf_counter()
-            predictor(x, t, labels)
-            synchronize(device)
             if round_:
-                seconds[(precision, layout)].append(time.perf_counter() - start)
+                seconds[(precision, layout)].append(time_call(predictor, input_shape, device))
+            else:
+                time_call(predictor, input_shape, device)
     return {c: statistics.median(v) for c, v in seconds.items()}
+
+
+def time_call(predict_eps, input_shape: tuple[int, ...], device: torch.device) -> float:
+    """Seconds of one call of a noise predictor ``(x, t, labels) -> eps`` on (B, C, S, S) random inputs on ``device``
+    (queued GPU work waited for); the first call of a predictor includes its warm-up."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(input_shape, generator=generator).to(device)
+    t = torch.full((input_shape[0],), 100, dtype=torch.long, device=device)
+    labels = torch.full((input_shape[0],), NULL, dtype=torch.long, device=device)
+    with torch.no_grad():
+        synchronize(device)
+        start = time.perf_counter()
+        predict_eps(x, t, labels)
+        synchronize(device)
+    return time.perf_counter() - start
 
 
 def synchronize(device: torch.device) -> None:

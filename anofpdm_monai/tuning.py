@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from anofpdm_monai.io import InputError, atomic_write_text, file_sha256
 from anofpdm_monai.methods import COMPONENTS_FOLDER, SETUPS, MethodContext, ReconstructionMethod, grid_points
@@ -66,9 +67,12 @@ class TuningResult:
 
 
 def method_maps(
-    method: ReconstructionMethod, context: MethodContext, images: torch.Tensor, seeds: Sequence[int], params: Mapping[str, Any]
+    method: ReconstructionMethod, context: MethodContext, images: torch.Tensor, seeds: Sequence[int], params: Mapping[str, Any],
+    bar: Any = None,
 ) -> tuple[torch.Tensor, int]:
     """A method's maps of (N, C, S, S) slices in batches of the run's batch size.
+
+    ``bar``: a progress bar advanced by one per batch (None: none).
 
     Returns:
         ``(maps, calls)``: (N, S, S) float32 maps on the CPU and the network calls per slice.
@@ -82,6 +86,8 @@ def method_maps(
             raise ValueError(f"{method.name}: maps has shape {tuple(out.maps.shape)}; it must be (B, S, S) = {(x0.shape[0], *x0.shape[2:])}")
         maps.append(out.maps.detach().float().cpu())
         calls = out.network_calls
+        if bar is not None:
+            bar.update(1)
     return torch.cat(maps), calls
 
 
@@ -92,6 +98,7 @@ def tune(
     masks: torch.Tensor,
     seeds: Sequence[int],
     grid: Mapping[str, Sequence],
+    progress: bool = True,
 ) -> TuningResult:
     """Tune ``method`` on validation slices with pixel labels, for both setups (see the module docstring).
 
@@ -102,6 +109,7 @@ def tune(
         masks: (V, S, S) bool lesion masks (pixel labels).
         seeds: (V,) the slices' seeds (:func:`~anofpdm_monai.inferers.slice_seeds`).
         grid: ``{hyperparameter: candidates}`` (:meth:`ReconstructionMethod.tuning_grid`).
+        progress: a progress bar over the grid points' batches of slices.
 
     Raises:
         InputError: the slices hold no lesion pixel (nothing to tune a threshold on).
@@ -110,8 +118,11 @@ def tune(
     unhealthy = masks.flatten(1).any(dim=1)
     if not bool(unhealthy.any()):
         raise InputError(f"{method.name}: the validation slices hold no lesion pixel; tune on a split with lesions (val_data)", arguments="val_data")
-    found = tune_on_grid(lambda params: method_maps(method, context, images, seeds, params)[0], grid_points(grid),
-                         masks.numpy(), brain_foreground(images).bool().numpy(), SETUPS)  # fmt: skip
+    points = grid_points(grid)
+    batches = -(-len(images) // context.settings.batch_size)
+    with tqdm(total=len(points) * batches, desc=f"tune {method.name}", unit="batch", disable=not progress) as bar:
+        found = tune_on_grid(lambda params: method_maps(method, context, images, seeds, params, bar)[0], points,
+                             masks.numpy(), brain_foreground(images).bool().numpy(), SETUPS)  # fmt: skip
     best = {setup: Tuned(dict(found[setup]["params"]), float(found[setup]["threshold"]), float(found[setup]["dice"])) for setup in SETUPS}
     return TuningResult(best, found["grid"], int(len(masks)), int(unhealthy.sum()))
 

@@ -115,6 +115,12 @@ def test_tables_and_summary_of_a_store_split(test_split_run, brats_store):
     # 30 sampled slices are not the patient's volume: no 3-D DICE, and the summary says why
     assert not cases["whole_volume"].any() and cases["dice_3d"].isna().all()
     assert summary["anofpdm-ddim"]["case_dice_3d"] is None and "sampled" in summary["anofpdm-ddim"]["undefined"]["case_dice_3d"]
+    # before the cases, one line says what runs and how long it should take; after them, how long it took
+    log = (results / "evaluate.log").read_text()
+    plan = next(line for line in log.splitlines() if "plan: " in line)
+    # one encoding (ddim) at N = 40, k = 20: 2 visited steps, guided and unguided
+    assert "1 case(s), 30 slices; methods anofpdm-ddim, anofpdm-ddim-last, threshold; 4 network inputs per slice" in plan
+    assert "estimated " in plan and "1 case(s) evaluated in " in log and "(planned " in log
 
 
 def small_val_store(store: Path, folder: Path, per_label: int = 4) -> Path:
