@@ -4,37 +4,56 @@
     outputs = am.segment(["BraTS2021_00000/"], model="bundled")
     outputs[0].mask            # nibabel image on the input's own grid (uint8), outputs[0].anomaly its map
 
-:func:`segment_records` is the cohort loop both use: cases are loaded (read + preprocessed) one
-ahead in a thread and written in another while the network runs on the current case, like
-nnU-Net's predictor; :func:`~anofpdm_monai.distributed.shard` splits a cohort between processes
-(``--num-parts``/``torchrun``).
+:func:`segment_cohort` is the whole of ``anofpdm segment`` after its arguments are parsed: this process's part of
+the cohort (:func:`~anofpdm_monai.distributed.resolve_parts`: ``--num-parts``, ``torchrun``, SLURM), the output
+folder's checks, lock, log and run records, and the case loop. :func:`segment_records` is the case loop that it and
+:func:`segment` use: cases are loaded (read + preprocessed) ahead in worker processes and written in others while
+the network runs on the current case (nnU-Net's predictor does the same), or inline where the network needs every
+CPU (:func:`default_workers`).
 """
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CaseOutcome", "CaseSegmentation", "resolve_parts", "segment", "segment_records", "shard"]
+__all__ = ["CaseOutcome", "CaseSegmentation", "CohortSegmentation", "resolve_parts", "segment", "segment_cohort", "segment_records", "shard"]
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from anofpdm_monai.distributed import resolve_parts, shard
-from anofpdm_monai.inferers import VolumeInferer, VolumeResult
-from anofpdm_monai.io import InputError, image_like
+from anofpdm_monai.inferers import VolumeInferer, VolumeResult, preprocess_case, write_segmentation
+from anofpdm_monai.io import InputError, image_like, part_file_name
+from anofpdm_monai.logs import log_to_file
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, default_method
-from anofpdm_monai.outputs import SEGMENT_SETTINGS, check_segment_outputs, finished, segment_outputs, settings_record
-from anofpdm_monai.provenance import inference_settings
+from anofpdm_monai.outputs import (
+    SEGMENT_SETTINGS,
+    check_segment_outputs,
+    continuation_record,
+    finish_part,
+    finished,
+    lock_folder,
+    segment_outputs,
+    settings_record,
+    start_part,
+)
+from anofpdm_monai.provenance import RUN_RECORD, check_continuation, inference_settings, run_record
 from anofpdm_monai.readers import CaseRecord, brain_mask_file, records_for_inference
 from anofpdm_monai.threads import available_cpus
-from anofpdm_monai.transforms import PreprocessedCase
+
+# at most this many loader and as many writer processes by default (nnU-Net's -npp / -nps default: 3)
+MAX_DEFAULT_WORKERS = 3
 
 
 @dataclass
@@ -87,6 +106,17 @@ def channel_order(record: CaseRecord, names: Sequence[str]) -> list[Path]:
     return list(record.channels.values())
 
 
+def default_workers(device: torch.device) -> int:
+    """Loader (and as many writer) processes for :func:`segment_records` on ``device``.
+
+    On a GPU, up to :data:`MAX_DEFAULT_WORKERS`, leaving the main process one CPU to feed the network; on a CPU, the
+    usable CPUs beyond torch's compute threads (0, loading and writing inline, where the network uses every CPU:
+    measured on 2 CPU cores, a loader thread beside the network was 0.81x as fast, benchmarks/segment_throughput.py).
+    """
+    busy = 1 if device.type == "cuda" else torch.get_num_threads()
+    return max(0, min(MAX_DEFAULT_WORKERS, available_cpus() - busy))
+
+
 def segment_records(
     inferer: VolumeInferer,
     records: Sequence[CaseRecord],
@@ -97,9 +127,9 @@ def segment_records(
     skip_done: bool = False,
     keep_results: bool = True,
     progress: bool = False,
-    overlap: bool | None = None,
+    num_workers: int | None = None,
 ) -> Iterator[CaseOutcome]:
-    """Segment cases, overlapping loading and writing with inference; yields one outcome per case.
+    """Segment cases, loading and writing in worker processes while the network runs; yields one outcome per case.
 
     Skipped cases come first, then the others in the order given.
 
@@ -116,52 +146,56 @@ def segment_records(
             there; a case finished with other settings is refused (InputError) before anything is written.
         keep_results: keep each case's :class:`VolumeResult` on its outcome (the cohort verb drops them).
         progress: a progress bar over each case's slices.
-        overlap: load the next case and write the last one in threads while the network runs; None
-            (default) overlaps where that leaves the network its cores: on a GPU, or with more usable CPUs
-            than torch's compute threads (measured on 2 CPU cores: overlapping was 0.81x as fast,
-            benchmarks/segment_throughput.py).
+        num_workers: loader processes, and as many writer processes; at most this many cases are loaded ahead and
+            as many wait to be written (a bounded queue: memory stays at a few cases). 0 loads and writes in this
+            process, between the network's cases. None: :func:`default_workers` for the inferer's device. Workers are
+            spawned: they import the caller's main script, which must guard its work with ``if __name__ == "__main__":``
+            (as for torch's DataLoader workers).
+
+    Raises:
+        InputError: ``num_workers`` is negative (naming it).
     """
-    if overlap is None:
-        overlap = inferer.device.type == "cuda" or available_cpus() > torch.get_num_threads()
+    if num_workers is None:
+        num_workers = default_workers(inferer.device)
+    if num_workers < 0:
+        raise InputError(f"num_workers={num_workers} must be 0 (load and write in this process) or more", arguments="num_workers")
     out = None if output_dir is None else Path(output_dir)
     made_with = None if out is None else case_settings_record(inferer, save_anomaly)
     if out is not None:
         check_segment_outputs(records, out, argument="output_dir")
     done = finished_cases(inferer, records, out, save_anomaly) if skip_done and out is not None else set()
     todo = [r for r in records if r.case_id not in done]
-    names = inferer.config.preprocess.channel_names
 
-    def load(record: CaseRecord) -> PreprocessedCase:
-        return inferer.preprocess(channel_order(record, names), brain_mask_path=brain_mask_file(record))
+    def load(record: CaseRecord) -> Future:
+        paths = channel_order(record, inferer.config.preprocess.channel_names)
+        return loader.submit(preprocess_case, inferer.preprocess_config, paths, None, None, brain_mask_file(record), inferer.model_dir)
 
-    def write(result: VolumeResult, case_id: str) -> list[Path]:
+    def write(result: VolumeResult, case_id: str) -> Future:
         assert out is not None
-        try:
-            return inferer.write(result, out, case_id, save_png=save_png, save_anomaly=save_anomaly, record=made_with)
-        except InputError:
-            raise
-        except OSError as err:
-            target = err.filename2 or err.filename or out
-            raise InputError(
-                f"cannot write {target} ({err.strerror or err}); make sure {out} is writable, has free space and "
-                f"holds no folder of that name"
-            ) from err
+        png = None
+        if save_png:
+            from anofpdm_monai.visualize import save_overlay
+
+            png = functools.partial(save_overlay, result.case.images, result.slices.maps, result.slices.masks,
+                                    slice_indices=list(result.case.geometry.slice_indices))  # fmt: skip
+        return writer.submit(write_case, out, case_id, result.case.geometry.reference, result.mask,
+                             result.anomaly_to_save(save_anomaly), png, made_with)  # fmt: skip
 
     for record in records:
         if record not in todo:
             yield CaseOutcome(record.case_id, skipped=True)
-    pool = (lambda name: ThreadPoolExecutor(1, thread_name_prefix=name)) if overlap else (lambda name: InlineExecutor())
-    with pool("load") as loader, pool("write") as writer:
-        loading: Future | None = loader.submit(load, todo[0]) if todo else None
-        writing: tuple[CaseOutcome, Future] | None = None
+    with worker_pool(num_workers) as loader, worker_pool(num_workers) as writer:
+        loading = deque(load(r) for r in todo[: max(1, num_workers)])  # the cases loaded ahead
+        writing: deque[tuple[CaseOutcome, Future]] = deque()  # the cases waiting to be written, oldest first
         for index, record in enumerate(todo):
             start = time.perf_counter()
             outcome = CaseOutcome(record.case_id)
             try:
-                case = loading.result()
+                case = result_of(loading.popleft())
             except InputError as err:
                 case, outcome.error = None, err
-            loading = loader.submit(load, todo[index + 1]) if index + 1 < len(todo) else None
+            if index + len(loading) + 1 < len(todo):
+                loading.append(load(todo[index + len(loading) + 1]))
             if case is not None:
                 try:
                     result = inferer.run_case(case, record.case_id, progress=progress)
@@ -172,18 +206,146 @@ def segment_records(
                                        f"unhealthy, lesion {result.lesion_ml:.1f} ml")  # fmt: skip
                     outcome.result = result if keep_results else None
                     if out is not None:
-                        if writing is not None:
-                            yield finish(*writing)
-                        writing = outcome, writer.submit(write, result, record.case_id)
+                        writing.append((outcome, write(result, record.case_id)))
                         outcome.seconds = time.perf_counter() - start
+                        while len(writing) > num_workers:
+                            yield finish(*writing.popleft())
                         continue
             outcome.seconds = time.perf_counter() - start
-            if writing is not None:
-                yield finish(*writing)
-                writing = None
+            while writing:  # outcomes in order: the earlier cases' files first
+                yield finish(*writing.popleft())
             yield outcome
-        if writing is not None:
-            yield finish(*writing)
+        while writing:
+            yield finish(*writing.popleft())
+
+
+def write_case(out: Path, case_id: str, reference: Path, mask: np.ndarray, anomaly: np.ndarray | None,
+               png: Callable[[Path], Path] | None, record: dict | None) -> list[Path]:  # fmt: skip
+    """One case's files (:func:`~anofpdm_monai.inferers.write_segmentation`), a file system error as one InputError line
+    (run in a writer process, or inline)."""
+    try:
+        return write_segmentation(out, case_id, reference, mask, anomaly, png, record)
+    except InputError:
+        raise
+    except OSError as err:
+        target = err.filename2 or err.filename or out
+        raise InputError(
+            f"cannot write {target} ({err.strerror or err}); make sure {out} is writable, has free space and holds no folder of that name"
+        ) from err
+
+
+def worker_pool(num_workers: int) -> Executor:
+    """``num_workers`` spawned processes with one compute thread each, or the caller's thread for 0.
+
+    Spawned, not forked: a fork of a process that holds CUDA or torch's thread pools can hang.
+    """
+    if num_workers == 0:
+        return InlineExecutor()
+    return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(1,))  # fmt: skip
+
+
+@dataclass
+class CohortSegmentation:
+    """What :func:`segment_cohort` did.
+
+    Attributes:
+        output_dir: the output folder.
+        part: ``(part_id, num_parts)`` of this process.
+        cases: this process's cases.
+        outcomes: one per case (results not kept).
+        merged: every part has finished and ``run.json`` lists them (a whole run: True).
+    """
+
+    output_dir: Path
+    part: tuple[int, int]
+    cases: list[str]
+    outcomes: list[CaseOutcome]
+    merged: bool
+
+    @property
+    def failed(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.error is not None]
+
+
+def segment_cohort(
+    model: AnoFPDMModel,
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    settings: InferenceSettings | None = None,
+    *,
+    save_png: bool = False,
+    save_anomaly: str = "masked",
+    resume: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    parts_from: str = "args",
+    num_workers: int | None = None,
+    record: Callable[[dict], dict] | None = None,
+    on_outcome: Callable[[CaseOutcome], None] | None = None,
+    progress: bool = True,
+) -> CohortSegmentation:
+    """Segment a cohort into ``output_dir``: the whole of ``anofpdm segment`` once its arguments are parsed.
+
+    This process's part of the cases (:func:`~anofpdm_monai.distributed.resolve_parts`) is segmented by
+    :func:`segment_records`; before anything is written the inputs, the outputs (no input overwritten) and, with
+    ``resume``, the folder's earlier run and finished cases are checked, so a refused run leaves no folder behind.
+    The folder is then locked for this run (or part), its log is ``segment.log`` (``segment.part-K-of-N.log``), its
+    run record ``run.json`` (``run.part-K-of-N.json``, merged into ``run.json`` by the last part to finish).
+
+    Args:
+        model: the loaded model.
+        inputs: case folders, NIfTI files, cohort folders or manifest CSVs
+            (:func:`~anofpdm_monai.readers.records_for_inference`).
+        output_dir: the output folder.
+        settings: inference settings (None: the defaults with :func:`~anofpdm_monai.model.default_method`).
+        save_png, save_anomaly: as :func:`segment_records`.
+        resume: skip the cases finished with the same settings; refused if the folder holds outputs made with others.
+        num_parts, part_id, parts_from: this process's part (``args``, ``torchrun`` or ``slurm``).
+        num_workers: loader and writer processes (:func:`segment_records`).
+        record: ``(resolved settings) -> run record`` (the CLI adds its flags); default: the library's record.
+        on_outcome: called with each case's outcome as it comes (the CLI logs it).
+        progress: progress bars over the cases and each case's slices.
+
+    Raises:
+        InputError: an input, the part, the output folder or (``resume``) the earlier run is refused (one line).
+    """
+    from tqdm.auto import tqdm
+
+    num_parts, part_id = resolve_parts(num_parts, part_id, parts_from=parts_from)
+    part = (part_id, num_parts)
+    records = shard(records_for_inference(inputs), num_parts, part_id)
+    inferer = VolumeInferer(model, settings or InferenceSettings(method=default_method(model.folder)))
+    settings = inferer.settings
+    out = Path(output_dir)
+    resolved = {**settings.to_dict(), **inference_settings(inferer.slice_inferer), "device": str(inferer.device),
+                "brain_mask": inferer.preprocess_config.brain_mask, "num_parts": num_parts, "part_id": part_id,
+                "num_workers": default_workers(inferer.device) if num_workers is None else num_workers}  # fmt: skip
+    run = record(resolved) if record is not None else run_record("segment", None, resolved, model.folder)
+    if resume and any(out.glob("*.nii.gz")):
+        check_continuation(out, run, SEGMENT_SETTINGS, continuation_record(out, part))
+    check_segment_outputs(records, out, tuple(dict.fromkeys((RUN_RECORD, part_file_name(RUN_RECORD, part), part_file_name("segment.log", part)))),
+                          argument="output_dir")  # fmt: skip
+    if resume:  # a case finished with other settings is refused before anything is written
+        finished_cases(inferer, records, out, save_anomaly)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out}: cannot create the output folder ({err.strerror}); choose a writable output_dir", arguments="output_dir") from err
+    lock_folder(out, "segment", part)
+    log_to_file(out, "segment", part)
+    start_part(out, run, part, SEGMENT_SETTINGS)
+    outcomes = segment_records(inferer, records, out, save_png=save_png, save_anomaly=save_anomaly, skip_done=resume,
+                               keep_results=False, progress=progress, num_workers=num_workers)  # fmt: skip
+    done = []
+    desc = f"segment {part_id + 1}/{num_parts}" if num_parts > 1 else "segment"
+    for outcome in tqdm(outcomes, total=len(records), desc=desc, unit="case", disable=not progress or len(records) < 2):
+        done.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    failed = sum(o.error is not None for o in done)
+    merged = finish_part(out, run, part, counts={"cases": len(records), "failed": failed})
+    return CohortSegmentation(out, part, [r.case_id for r in records], done, merged)
 
 
 def finished_cases(inferer: VolumeInferer, records: Sequence[CaseRecord], output_dir: str | Path, save_anomaly: str) -> set[str]:
@@ -205,7 +367,7 @@ def case_settings_record(inferer: VolumeInferer, save_anomaly: str) -> dict[str,
 
 
 class InlineExecutor(Executor):
-    """An executor that runs each task at once in the caller's thread (``segment_records(overlap=False)``)."""
+    """An executor that runs each task at once in the caller's thread (``segment_records(num_workers=0)``)."""
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         future: Future = Future()
@@ -216,11 +378,28 @@ class InlineExecutor(Executor):
         return future
 
 
+def result_of(future: Future) -> Any:
+    """A worker's result; a worker process that died takes the run down with one line saying why it may have.
+
+    Raises:
+        RuntimeError: the pool broke (the process was killed, e.g. out of memory, or it could not start: spawned
+            workers import the caller's main script, which must guard its work with ``if __name__ == "__main__":``).
+    """
+    try:
+        return future.result()
+    except BrokenProcessPool as err:
+        raise RuntimeError(
+            "a loader or writer process of segment died (killed, e.g. out of memory, or it could not start: a script that "
+            "calls segment must guard its work with `if __name__ == \"__main__\":`); run with num_workers=0 to load "
+            "and write in this process"
+        ) from err
+
+
 def finish(outcome: CaseOutcome, writing: Future) -> CaseOutcome:
     """Wait for a case's files; a failed write becomes the outcome's error."""
     start = time.perf_counter()
     try:
-        outcome.written = writing.result()
+        outcome.written = result_of(writing)
     except InputError as err:
         outcome.error = err
     outcome.seconds += time.perf_counter() - start
@@ -238,6 +417,7 @@ def segment(
     save_anomaly: str = "masked",
     save_png: bool = False,
     progress: bool = True,
+    num_workers: int = 0,
     **overrides: Any,
 ) -> list[CaseSegmentation]:
     """Segment cases and return their mask and anomaly-map images on each input's own grid.
@@ -255,6 +435,8 @@ def segment(
         save_anomaly: ``masked`` (zero outside the brain), ``full`` or ``none`` (no map).
         save_png: also write PNG overlays (with ``output_dir``).
         progress: progress bars over cases and slices.
+        num_workers: loader and writer processes (:func:`segment_records`); 0 (default) loads and writes in this
+            process, which needs no ``if __name__ == "__main__":`` guard in the calling script.
 
     In-memory inputs are read through temporary NIfTI copies (the same reader and checks as files),
     so their ``result.case.geometry.reference`` names a file that is gone once this returns.
@@ -270,7 +452,8 @@ def segment(
     with tempfile.TemporaryDirectory(prefix="anofpdm_inputs_") as scratch:
         records = records_from(inputs, Path(scratch))
         outputs = []
-        outcomes = segment_records(inferer, records, output_dir, save_png=save_png, save_anomaly=save_anomaly, progress=progress)
+        outcomes = segment_records(inferer, records, output_dir, save_png=save_png, save_anomaly=save_anomaly, progress=progress,
+                                   num_workers=num_workers)  # fmt: skip
         for outcome in tqdm(outcomes, total=len(records), desc="segment", unit="case", disable=not progress or len(records) < 2):
             if outcome.error is not None:
                 raise InputError(f"{outcome.case_id}: {outcome.error}", arguments=outcome.error.arguments)

@@ -57,7 +57,7 @@ from anofpdm_monai.metrics import (
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods
 from anofpdm_monai.networks import HEALTHY, UNHEALTHY, time_call
 from anofpdm_monai.outputs import case_record, check_segment_outputs, continuation_record, finish_part, finished, lock_folder, start_part
-from anofpdm_monai.provenance import check_continuation, inference_settings, run_record, write_run_record
+from anofpdm_monai.provenance import check_continuation, inference_settings, run_record
 from anofpdm_monai.readers import LESION_LABELS, brain_mask_file, detect_layout, read_cases
 from anofpdm_monai.scoring import LesionMatch, lesion_detection_summary, match_lesions, read_mask
 from anofpdm_monai.segmentation import mixed_setup_masks
@@ -530,8 +530,8 @@ class EvaluationOutcome:
     tuning: dict[str, TuningResult] = dataclasses.field(default_factory=dict)
 
 
-# A run's seconds per second of its network calls, for the plan's estimate (docs/evaluate.md: measured 1.2 on a
-# preprocessed store and 1.4 on a raw cohort with the bundled model on 2 CPU cores; the plan rounds up).
+# A run's seconds per second of its network calls, for the plan's estimate: loading, decisions and writing on top of
+# the network (docs/evaluate.md gives the ratio measured; each run's last line shows the time taken against the plan).
 PLAN_OVERHEAD = 1.5
 
 

@@ -352,14 +352,7 @@ class VolumeInferer(Inferer):
         ``allowed_labels``: the lesion labels the layout defines (e.g. BraTS 1, 2, 4); other values are refused.
         ``brain_mask_path``: the case's brain mask file (read under brain mask ``files``).
         """
-        expected = self.config.preprocess.channel_names
-        if len(channel_paths) != len(expected):
-            first = Path(channel_paths[0]) if channel_paths else self.model_dir
-            raise InputError(
-                f"{first}: the case has {len(channel_paths)} channel file(s) but the model takes {len(expected)} "
-                f"({', '.join(expected)}); give one file per channel in that order"
-            )
-        return preprocess_with(self.preprocess_config, channel_paths, label_path, allowed_labels, brain_mask_path)
+        return preprocess_case(self.preprocess_config, channel_paths, label_path, allowed_labels, brain_mask_path, self.model_dir)
 
     def __call__(self, inputs: Sequence[str | Path], label: str | Path | None = None, case_id: str = "") -> VolumeResult:  # type: ignore[override]
         """Segment one case given its channel files (in the model's channel order); ``case_id`` seeds its slices."""
@@ -397,6 +390,31 @@ class VolumeInferer(Inferer):
                                     slice_indices=list(result.case.geometry.slice_indices))  # fmt: skip
         return write_segmentation(out_dir, case_id, result.case.geometry.reference, result.mask, result.anomaly_to_save(save_anomaly), png,
                                   record)
+
+
+def preprocess_case(
+    config: PreprocessConfig,
+    channel_paths: Sequence[str | Path],
+    label_path: str | Path | None = None,
+    allowed_labels: Sequence[int] | None = None,
+    brain_mask_path: str | Path | None = None,
+    model_dir: str | Path = "the model",
+) -> PreprocessedCase:
+    """One case through a model's preprocessing chain ``config``, its channel files checked against the chain's
+    channels first (a module-level function: ``segment``'s loader processes run it).
+
+    Raises:
+        InputError: the case has another number of channel files than the chain (naming the first file, or
+            ``model_dir`` when none is given), or a file cannot be read.
+    """
+    expected = config.channel_names
+    if len(channel_paths) != len(expected):
+        first = Path(channel_paths[0]) if channel_paths else model_dir
+        raise InputError(
+            f"{first}: the case has {len(channel_paths)} channel file(s) but the model takes {len(expected)} "
+            f"({', '.join(expected)}); give one file per channel in that order"
+        )
+    return preprocess_with(config, channel_paths, label_path, allowed_labels, brain_mask_path)
 
 
 def settings_with(settings: InferenceSettings | None, overrides: dict) -> InferenceSettings:

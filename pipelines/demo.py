@@ -14,9 +14,9 @@ from anofpdm_monai.baselines import lesion_polarity
 from anofpdm_monai.bundled import bundled_model_dir
 from anofpdm_monai.evaluation import EvaluationSettings, evaluate_cohort
 from anofpdm_monai.io import InputError
-from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings, available_methods
+from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods
 from data_prep.phantom import generate_cohort
-from pipelines.options import add_device_arguments
+from pipelines.options import add_batch_size_argument, add_device_arguments
 
 DEMO_SEED = 2026  # the bundled models were trained on seeds 1 (brats) and 11 (atlas), benchmarked on 2 and 12
 DEMO_METHODS = ("anofpdm-ddim-volume", "anofpdm-ddim", "threshold")  # the first one's masks are written
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="brats: -m bundled on BraTS-layout patients; atlas: -m bundled-atlas on ATLAS v2.0-layout (T1w) ones")
     parser.add_argument("--cases", type=int, default=None, help="phantom patients to generate and segment (default: brats 3, atlas 2)")
     add_device_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
+    add_batch_size_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_demo(out: Path, layout: str, cases: int, model_dir: Path, *, device: str = "auto", precision: str = "auto",
-             batch_size: int = DEFAULT_BATCH_SIZE) -> int:  # fmt: skip
-    """Generate ``cases`` fresh ``layout`` phantom patients under ``out``, segment and evaluate them with ``model_dir``."""
+             batch_size: int | None = None) -> int:  # fmt: skip
+    """Generate ``cases`` fresh ``layout`` phantom patients under ``out``, segment and evaluate them with ``model_dir``
+    (``batch_size`` None: the model's default for its device)."""
     start = time.perf_counter()
     raw, segmentations, evaluation = out / "phantom", out / "segmentations", out / "evaluation"
     print(f"1/3 generating {cases} phantom {layout.upper()}-layout patients (seed {DEMO_SEED}) in {raw}")
@@ -57,7 +58,7 @@ def run_demo(out: Path, layout: str, cases: int, model_dir: Path, *, device: str
     print(f"2/3 segmenting them with the model {model_dir.name} ({', '.join(methods[:-1])}: both families, "
           "one forward process, calibrated fast mode)")
     model = AnoFPDMModel.from_folder(model_dir, device)
-    settings = InferenceSettings(batch_size=batch_size, precision=precision)
+    settings = InferenceSettings(batch_size=batch_size or model.default_batch_size(), precision=precision)
     evaluate_cohort(model, raw, evaluation, settings, EvaluationSettings(methods=tuple(methods)), outputs_dir=segmentations)
     channels = "+".join(c.upper() for c in model.config.preprocess.map_channels)
     polarity = lesion_polarity(model.config.preprocess.map_channels)

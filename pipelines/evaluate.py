@@ -8,9 +8,10 @@ from pathlib import Path
 from anofpdm_monai.evaluation import EvaluationSettings, evaluate_cohort
 from anofpdm_monai.logs import get_logger
 from anofpdm_monai.methods import all_methods
-from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel, InferenceSettings
+from anofpdm_monai.model import AnoFPDMModel, InferenceSettings
 from anofpdm_monai.tuning import DEFAULT_TUNING_SLICES, parse_tune_options
 from pipelines.options import (
+    add_batch_size_argument,
     add_brain_mask_argument,
     add_device_arguments,
     add_max_voxels_argument,
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-slices", type=int, default=None, help="evaluate a seeded subset of this many slices")
     parser.add_argument("--steps", type=int, default=None, help="forward-step budget N (default: each calibration's)")
     parser.add_argument("--stride", type=int, default=None, help="stride k (default: each calibration's)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
+    add_batch_size_argument(parser)
     parser.add_argument(
         "--tune", action="append", default=[], metavar="METHOD.PARAM=V1,V2",
         help="candidates of a pixel-label baseline's hyperparameter, replacing its default grid (e.g. ddib.depth=200,400); repeatable",
@@ -55,15 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results = Path(args.results_dir)
-    settings = InferenceSettings(steps=args.steps, stride=args.stride, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
-                                 brain_mask=args.brain_mask)
+    model = AnoFPDMModel.from_folder(args.model, args.device)
+    settings = InferenceSettings(steps=args.steps, stride=args.stride, batch_size=args.batch_size or model.default_batch_size(),
+                                 seed=args.seed, precision=args.precision, brain_mask=args.brain_mask)  # fmt: skip
     methods = None if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     evaluation = EvaluationSettings(
         methods=methods, split=args.split, max_slices=args.max_slices, val_data=args.val_data, tune=parse_tune_options(args.tune),
         tune_slices=args.tune_slices, resume=args.resume, num_parts=args.num_parts, part_id=args.part_id, parts_from=args.parts_from,
         report=args.report,
     )  # fmt: skip
-    model = AnoFPDMModel.from_folder(args.model, args.device)
     log = get_logger()
     outcome = evaluate_cohort(
         model, args.input, results, settings, evaluation,

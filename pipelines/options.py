@@ -23,6 +23,15 @@ def add_max_voxels_argument(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_batch_size_argument(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``: slices per forward process; None (the default) lets the loaded model choose for its device
+    (:meth:`anofpdm_monai.model.AnoFPDMModel.default_batch_size`)."""
+    from anofpdm_monai.model import DEFAULT_BATCH_SIZE
+
+    parser.add_argument("--batch-size", type=int, default=None, help=f"slices per forward process (2 x this per network call); "
+                        f"bounds memory (default: {DEFAULT_BATCH_SIZE} on a CPU; on a GPU as many as fit in half its free memory)")
+
+
 def add_brain_mask_argument(parser: argparse.ArgumentParser, default: str) -> None:
     """``--brain-mask``: how the chain finds the brain (docs/data.md); ``default`` says what None means for the verb."""
     parser.add_argument(

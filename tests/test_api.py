@@ -14,6 +14,7 @@ from test_segment import AFFINES, make_model, use_oracle, write_case
 import anofpdm_monai as am
 from anofpdm_monai.api import shard
 from anofpdm_monai.inferers import VolumeInferer
+from anofpdm_monai.io import InputError
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings
 from pipelines.cli import main
 
@@ -146,9 +147,9 @@ def test_docs_api_example_runs(model, cohort, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "BraTS2021_00000.nii.gz").is_file()
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_segment_records_keeps_order_and_goes_on_after_a_bad_case(model, cohort, tmp_path, monkeypatch, overlap):
-    """Both loops (threads or one step after the other) yield every case in order; a broken case is an error outcome."""
+def test_segment_records_keeps_order_and_goes_on_after_a_bad_case_inline_and_in_worker_processes(model, cohort, tmp_path, monkeypatch):
+    """Both loops (loading and writing inline, or in 2 spawned loader and 2 writer processes, cases loaded ahead)
+    yield every case in order, a broken case as an error outcome, and write the same files, voxel for voxel."""
     from anofpdm_monai.api import segment_records
     from anofpdm_monai.readers import records_for_inference
 
@@ -159,12 +160,19 @@ def test_segment_records_keeps_order_and_goes_on_after_a_bad_case(model, cohort,
     bad = type(records[0])("BAD", {name: broken for name in records[0].channels})
     order = [records[0], bad, *records[1:]]
     inferer = VolumeInferer(model, device="cpu", precision="fp32")
-    outcomes = list(segment_records(inferer, order, tmp_path / "out", keep_results=False, overlap=overlap))
-    assert [o.case_id for o in outcomes] == [r.case_id for r in order]
-    assert [o.error is not None for o in outcomes] == [False, True, False, False]
-    assert "broken.nii.gz" in str(outcomes[1].error)
-    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
-    assert written == sorted(f"{r.case_id}{s}.nii.gz" for r in records for s in ("", "_anomaly"))
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        outcomes = list(segment_records(inferer, order, out, keep_results=False, num_workers=workers))
+        assert [o.case_id for o in outcomes] == [r.case_id for r in order]
+        assert [o.error is not None for o in outcomes] == [False, True, False, False]
+        assert "broken.nii.gz" in str(outcomes[1].error)
+        written = sorted(p.name for p in out.glob("*.nii.gz"))
+        assert written == sorted(f"{r.case_id}{s}.nii.gz" for r in records for s in ("", "_anomaly"))
+    for name in written:
+        first, second = (nib.load(str(tmp_path / f"out{w}" / name)) for w in (0, 2))
+        assert np.array_equal(first.get_fdata(), second.get_fdata()) and np.array_equal(first.affine, second.affine), name
+    with pytest.raises(InputError, match="num_workers=-1"):
+        next(segment_records(inferer, order, tmp_path / "out_bad", num_workers=-1))
 
 
 def test_two_torchrun_ranks_each_segment_their_part_and_the_last_merges_the_record(model, cohort, tmp_path):
@@ -188,3 +196,13 @@ def test_two_torchrun_ranks_each_segment_their_part_and_the_last_merges_the_reco
     assert sorted(p["cases"] for p in merged["parts"]) == [1, 2]
     assert sorted(p.name for p in out.glob("segment*.log")) == ["segment.part-0-of-2.log", "segment.part-1-of-2.log"]
     assert not list(out.glob("*.lock")), "every rank released its lock"
+
+
+def test_the_default_batch_size_is_8_on_a_cpu_and_fits_half_the_free_memory_on_a_gpu(model):
+    from anofpdm_monai.model import DEFAULT_BATCH_SIZE, MAX_GPU_BATCH_SIZE, gpu_batch_size
+
+    assert AnoFPDMModel.from_folder(model, "cpu").default_batch_size() == DEFAULT_BATCH_SIZE
+    mib = 2**20
+    assert gpu_batch_size(free_bytes=10_000 * mib, bytes_per_slice=50 * mib) == 100  # half of 10,000 MiB at 50 MiB a slice
+    assert gpu_batch_size(free_bytes=100 * mib, bytes_per_slice=50 * mib) == DEFAULT_BATCH_SIZE  # never below the CPU's
+    assert gpu_batch_size(free_bytes=80_000 * mib, bytes_per_slice=1 * mib) == MAX_GPU_BATCH_SIZE

@@ -92,3 +92,19 @@ def test_calibrate_with_one_class_names_the_n_val_flag(tmp_path, capsys, brats_s
     err = capsys.readouterr().err.strip()
     assert code == 2 and "calibration needs both classes (give more validation slices, --n-val)" in err, err
     assert not list(model.glob("calibration*.json")), "nothing written"
+
+
+@pytest.mark.parametrize(
+    "verb, argv",
+    [("segment", ["-m", "bundled", "-i", "{missing}", "--device", "cpu"]),
+     ("evaluate", ["-m", "bundled", "-i", "{missing}", "--device", "cpu"]),
+     ("preprocess", ["-i", "{missing}", "--dataset", "brats"]),
+     ("score", ["-p", "{missing}", "-l", "{missing}"])],
+)  # fmt: skip
+def test_a_refused_input_leaves_no_output_folder(tmp_path, capsys, verb, argv):
+    """A missing input is refused in one line naming it, before the output folder exists."""
+    missing, out = tmp_path / "no_such_input", tmp_path / "out"
+    code = main([verb, *[a.format(missing=missing) for a in argv], "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and str(missing) in err and len(err.splitlines()) == 1, err
+    assert not out.exists(), f"{verb} left {sorted(p.name for p in out.rglob('*'))}"

@@ -102,3 +102,43 @@ def test_parts_from_torchrun_slurm_or_arguments_and_never_two_at_once():
     assert ranks == [(10, 3), (10, 8)]
     cases = list(range(40))
     assert sorted(shard(cases, *ranks[0]) + shard(cases, *ranks[1])) == shard(cases, 5, 3)
+
+
+def test_two_gloo_ranks_each_take_their_local_rank_gpu_and_a_disjoint_part(tmp_path):
+    """Under torchrun (2 ranks, a gloo group, CUDA mocked with 2 GPUs) each rank resolves ``--device auto`` to
+    cuda:LOCAL_RANK and sets it current, and the ranks' parts cover the cohort exactly once. (That each part keeps
+    its own run record and log: test_api's two-rank segment test.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    report = tmp_path / "ranks.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(root / "tests" / "rank_device_worker.py"), str(report)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(report.read_text())
+    ranks = data["ranks"]
+    assert [r["device"] for r in ranks] == ["cuda:0", "cuda:1"]
+    assert [r["set_device"] for r in ranks] == [["cuda:0"], ["cuda:1"]]
+    assert [r["part"] for r in ranks] == [[0, 2], [1, 2]]
+    covered = [case for r in ranks for case in r["cases"]]
+    assert sorted(covered) == sorted(data["cohort"]) and len(set(covered)) == len(covered)
+
+
+@pytest.mark.parametrize("variable, value", [("RANK", "x"), ("WORLD_SIZE", "0"), ("RANK", "3")])
+def test_a_bad_rank_variable_exits_2_naming_it(tmp_path, capsys, monkeypatch, variable, value):
+    """The cohort verbs read RANK / WORLD_SIZE before anything else: a bad value is one line naming the variable."""
+    from pipelines.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(variable, value)
+    for verb in ("segment", "evaluate"):
+        code = main([verb, "-m", "bundled", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "--parts-from", "torchrun", "--device", "cpu"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and f"environment variable {variable}=" in err, (verb, err)
+        assert not (tmp_path / "out").exists()

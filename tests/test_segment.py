@@ -439,7 +439,7 @@ def test_output_folder_that_cannot_be_created(model4, tmp_path, capsys):
     assert segment("-m", model4, "-i", tmp_path / "C", "-o", blocker / "out") == 2
     stderr = capsys.readouterr().err.strip().splitlines()
     assert len(stderr) == 1
-    assert str(blocker / "out") in stderr[0] and "choose a writable -o" in stderr[0]
+    assert str(blocker / "out") in stderr[0] and "choose a writable --output" in stderr[0]
 
 
 def test_output_file_that_cannot_be_written_leaves_nothing_behind(model4, tmp_path, capsys):
