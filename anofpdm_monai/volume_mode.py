@@ -52,7 +52,7 @@ import torch
 from scipy import ndimage
 
 from anofpdm_monai.forward_process import ForwardProcessResult
-from anofpdm_monai.io import voxel_volume_mm3
+from anofpdm_monai.io import spacing_volume_mm3, voxel_volume_mm3
 from anofpdm_monai.methods import (
     DEFAULT_FP_RATE,
     ENCODINGS,
@@ -201,7 +201,7 @@ def keep_lesions(masks: torch.Tensor, slice_indices: np.ndarray, voxel_mm: Seque
     if min_mm3 <= 0 or not bool(masks.any()):
         return masks
     stack, rows = stack_slices(masks, slice_indices)
-    kept = keep_components(stack, min_mm3, unit="mm3", voxel_mm3=float(np.prod(voxel_mm)))
+    kept = keep_components(stack, min_mm3, unit="mm3", voxel_mm3=spacing_volume_mm3(voxel_mm))
     return torch.from_numpy(kept[rows]).to(masks.device)
 
 
@@ -416,7 +416,7 @@ class VolumeComponents:
     def of(cls, raw: torch.Tensor, volume: ValidationVolume) -> VolumeComponents:
         """From (B, S, S) bool thresholded brain pixels of ``volume`` (image-level labels only)."""
         labels, sizes = component_labels(raw, volume.inputs.slice_indices)
-        voxel_mm3 = float(np.prod(volume.inputs.voxel_mm))
+        voxel_mm3 = spacing_volume_mm3(volume.inputs.voxel_mm)
         mm3 = sizes * voxel_mm3  # as keep_components measures them
         mm3[0] = 0.0  # the background is no component
         unhealthy_rows = volume.labels.astype(bool)
