@@ -8,9 +8,11 @@
   guidance" reconstruction baseline of the paper's Table 1: deterministic
   unguided DDIM inversion of x0 to a depth, then healthy-guided DDIM decoding,
   anomaly map = squared reconstruction error.
-* :func:`tune_pixel_threshold`: the threshold such reconstruction baselines
-  binarise their maps with, tuned on validation maps with pixel labels (flag
-  their Table-1 rows ``uses_pixel_labels``).
+* :func:`tune_pixel_threshold`: the pooled-DICE map threshold on validation maps
+  with pixel labels, a stand-alone helper (a method tuned so must be flagged
+  ``uses_pixel_labels``); ``evaluate`` tunes the registered reconstruction
+  methods with :mod:`anofpdm_monai.tuning`
+  (:func:`~anofpdm_monai.reconstruction.tune_on_grid`).
 
 Registers the methods ``ddib`` (a :class:`~anofpdm_monai.methods.ReconstructionMethod` tuned over
 depth and w, plus its threshold) and ``threshold`` (the oracle) in :mod:`anofpdm_monai.methods`.

@@ -31,6 +31,7 @@ import torch
 from anofpdm_monai import __version__
 from anofpdm_monai.bundled import BUNDLED_MODELS, resolve_model_dir
 from anofpdm_monai.config import TRAINING_SETTINGS_FILE, ModelConfig
+from anofpdm_monai.forward_process import ENCODINGS
 from anofpdm_monai.io import InputError, atomic_write_json, atomic_write_text
 from anofpdm_monai.model import AnoFPDMModel, InferenceSettings, available_methods, calibration_path, default_method
 from anofpdm_monai.networks import load_model_folder, network_arguments
@@ -68,7 +69,7 @@ def bundle_model(model_dir: str | Path, network: torch.nn.Module, config: ModelC
 
 def calibration_files(folder: Path) -> list[Path]:
     """The calibration files of a model folder (``calibration.json``, ``calibration_ddpm.json``)."""
-    return [p for p in (calibration_path(folder, e) for e in ("ddim", "ddpm")) if p.is_file()]
+    return [p for p in (calibration_path(folder, e) for e in ENCODINGS) if p.is_file()]
 
 
 def export_bundle(model: str | Path, output: str | Path, *, data_source: str | None = None, version: str = BUNDLE_VERSION) -> Path:

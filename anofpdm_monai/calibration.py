@@ -49,15 +49,17 @@ SCHEMA_VERSION = 3
 def migrate(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
     """A ``calibration.json`` object of any older version as the current one (the one place files are migrated).
 
+    The paper's fields have not changed between versions; each registered section that the file holds is
+    migrated by its own hook (:attr:`anofpdm_monai.methods.CalibrationSection.migrate`, given the file's version).
+
     Raises:
         InputError: the file is of a newer version than this release reads (the message names both).
     """
     version = check_schema_version(data, SCHEMA_VERSION, source)
-    # version 1 wrote the volume family as "volume" (null when absent), as version 2 does; versions 1 and 2 chose
-    # its minimum lesion size with q by image-level accuracy and did not say so
-    volume = data.get("volume")
-    if version < 3 and isinstance(volume, dict):
-        data["volume"] = {"size_rule": "accuracy", "fp_rate": None, "fp_per_100ml": None, "healthy_ml": None, **volume}
+    if version < SCHEMA_VERSION:
+        for name, entry in calibration_sections().items():
+            if entry.migrate is not None and isinstance(data.get(name), dict):
+                data[name] = entry.migrate(dict(data[name]), version)
     data["schema_version"] = SCHEMA_VERSION
     return data
 

@@ -28,7 +28,17 @@ import torch
 
 from anofpdm_monai.calibration import Calibration, DivergenceCurve, calibrate
 from anofpdm_monai.config import PreprocessConfig, check_register_to
-from anofpdm_monai.data import PreprocessedStore, assign_splits, case_done, input_fingerprint, write_case, write_manifest, write_settings
+from anofpdm_monai.data import (
+    SETTINGS_FILE,
+    SKIPPED_FILE,
+    PreprocessedStore,
+    assign_splits,
+    case_done,
+    input_fingerprint,
+    write_case,
+    write_manifest,
+    write_settings,
+)
 from anofpdm_monai.inferers import ForwardProcessInferer
 from anofpdm_monai.io import InputError, InputWarning, atomic_save_dataframe
 from anofpdm_monai.logs import get_logger, log_to_file
@@ -284,10 +294,10 @@ def preprocess_cohort(
 
 def finish_store(source, store: Path, records: list[CaseRecord], skipped: list[tuple[str, InputError]], settings: PreprocessSettings) -> PreprocessOutcome:
     """Write ``skipped.csv`` and the manifest of every finished case (the split assigned by patient)."""
-    atomic_save_dataframe(pd.DataFrame([(c, str(e)) for c, e in skipped], columns=["case_id", "reason"]), store / "skipped.csv")
+    atomic_save_dataframe(pd.DataFrame([(c, str(e)) for c, e in skipped], columns=["case_id", "reason"]), store / SKIPPED_FILE)
     done = [r.case_id for r in records if is_done(store, r)]
     if not done:
-        raise InputError(f"{source}: no case could be preprocessed; see {store / 'skipped.csv'}")
+        raise InputError(f"{source}: no case could be preprocessed; see {store / SKIPPED_FILE}")
     table = write_manifest(store, assign_splits(done, settings.split, settings.seed))
     counts = table.groupby("split")["patient"].nunique().to_dict()
     get_logger().info(
@@ -303,7 +313,7 @@ def is_done(store: Path, record: CaseRecord) -> bool:
 
 def check_same_settings(store: Path, config: PreprocessConfig) -> None:
     """Refuse to resume a store made with other preprocessing settings (finished cases would be kept as they are)."""
-    settings = store / "settings.json"
+    settings = store / SETTINGS_FILE
     if not settings.is_file():
         return
     try:

@@ -40,6 +40,9 @@ from anofpdm_monai.transforms import PreprocessedCase
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["patient", "slice", "split", "label", "lesion_pixels"]
+SETTINGS_FILE = "settings.json"  # PREP/settings.json: the preprocessing and split settings
+MANIFEST_FILE = "manifest.csv"  # PREP/manifest.csv: one row per brain slice (MANIFEST_COLUMNS)
+SKIPPED_FILE = "skipped.csv"  # PREP/skipped.csv: the cases that could not be read
 
 
 def case_done(store: Path, patient: str, inputs: dict[str, list[int]] | None = None) -> bool:
@@ -119,13 +122,13 @@ def write_manifest(store: Path, split_of: dict[str, str]) -> pd.DataFrame:
         for slice_index, lesion in zip(meta["slices"], pixels):
             rows.append((patient, int(slice_index), split_of[patient], int(lesion > 0), int(lesion)))
     table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    atomic_save_dataframe(table, store / "manifest.csv")
+    atomic_save_dataframe(table, store / MANIFEST_FILE)
     return table
 
 
 def write_settings(store: Path, config: PreprocessConfig, split: tuple[float, float, float], seed: int) -> None:
     settings = {"preprocess": asdict(config), "split": list(split), "seed": seed}
-    atomic_write_json(store / "settings.json", settings)
+    atomic_write_json(store / SETTINGS_FILE, settings)
 
 
 class PreprocessedStore:
@@ -140,11 +143,11 @@ class PreprocessedStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        manifest = self.root / "manifest.csv"
-        settings = self.root / "settings.json"
+        manifest = self.root / MANIFEST_FILE
+        settings = self.root / SETTINGS_FILE
         if not manifest.is_file() or not settings.is_file():
             raise InputError(
-                f"{self.root}: not a preprocessed store (no manifest.csv/settings.json); "
+                f"{self.root}: not a preprocessed store (no {MANIFEST_FILE}/{SETTINGS_FILE}); "
                 "create one with: anofpdm preprocess -i RAW -o PREP --dataset brats"
             )
         self.manifest = pd.read_csv(manifest, dtype={"patient": str})

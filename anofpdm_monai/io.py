@@ -542,6 +542,14 @@ def voxel_volume_mm3(affine: Any) -> float:
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
 
 
+def spacing_volume_mm3(voxel_mm: Any) -> float:
+    """Volume of one voxel in mm^3 from its sizes along the array axes (mm): their product.
+
+    The one place a voxel's volume is computed from sizes; it is the voxel's volume on an axis-aligned grid
+    (the stacked S x S slices, ``voxel_mm``), where it equals :func:`voxel_volume_mm3` of the grid's affine."""
+    return float(np.prod(np.asarray(voxel_mm, dtype=np.float64)))
+
+
 def check_geometry(path: Path, image: Any) -> None:
     """Refuse a header whose affine cannot place the voxels: NaN or infinite entries, a collapsed axis, or voxel
     sizes outside :data:`VOXEL_MM_RANGE` (in mm, the header's unit applied)."""

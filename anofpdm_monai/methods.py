@@ -1,7 +1,12 @@
 """The registry of methods: every system ``segment`` and ``evaluate`` run is one entry, found by name.
 
-A method entry carries everything the library needs to run it; no other module names a method or
-its variant. There are three kinds (docs/architecture.md, "How to add a method"):
+A method entry carries everything the library needs to run it, and only the modules of
+:data:`METHOD_MODULES` define methods, decisions and calibration sections (a section also migrates its
+own data from older ``calibration.json`` versions: :attr:`CalibrationSection.migrate`). Other modules
+name registered methods only as defaults: :data:`anofpdm_monai.model.PREFERRED_METHODS` and
+``InferenceSettings.method`` (what ``segment`` runs when none is named), ``pipelines/demo.py``'s
+``DEMO_METHODS``, and the ``"aggregated"`` variant :class:`anofpdm_monai.inferers.ForwardProcessInferer`
+produces when none is given. There are three kinds (docs/architecture.md, "How to add a method"):
 
 * :class:`AnoFPDMMethod`: a decision variant on the shared forward process of its encoding
   (``anofpdm-ddim``, ``anofpdm-ddim-last``, ``anofpdm-ddim-volume``, ...). Its :class:`Decision`
@@ -63,6 +68,9 @@ class CalibrationSection:
             cannot be calibrated by the library.
         missing: what to do when a calibration lacks the section, one line (a command to run).
         describe: ``(section) -> str``, one line on what was calibrated, for the log (None: the name only).
+        migrate: ``(stored object, file's schema_version) -> object``: the section's object of an older
+            ``calibration.json`` as the current one (:func:`anofpdm_monai.calibration.migrate` calls it for
+            every registered section the file holds); None when the section's format never changed.
     """
 
     name: str
@@ -70,6 +78,7 @@ class CalibrationSection:
     calibrate: Callable[[SectionContext], Any] | None = None
     missing: str = "recalibrate the model (anofpdm calibrate)"
     describe: Callable[[Any], str] | None = None
+    migrate: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -78,7 +87,7 @@ class SectionContext:
 
     Attributes:
         forward: ``(slices (B, C, S, S), case id, slice indices) -> ForwardProcessResult`` (G = 1) at the
-            encoding's calibrated N, k and w (:meth:`anofpdm_monai.inferers.SliceEngine.forward_process`).
+            encoding's calibrated N, k and w (:meth:`anofpdm_monai.inferers.ForwardProcessInferer.forward_process`).
         store: the preprocessed store (:class:`anofpdm_monai.data.PreprocessedStore`) with a ``val`` split;
             a hook reads its image-level labels only.
         cases: how many whole validation patients the hook may run.
@@ -104,7 +113,7 @@ class Decision:
         name: the variant's name (``"aggregated"``, ``"last"``, ``"volume"``).
         decide: ``(result, volume, calibration, section, setup) -> SegmentationResult``: ``result`` is the
             forward process of ALL of one volume's slices (G = 1, on the network's device), ``volume`` its
-            :class:`~anofpdm_monai.volume_mode.VolumeInputs` (None unless ``needs_volume``), ``calibration``
+            :class:`~anofpdm_monai.segmentation.VolumeInputs` (None unless ``needs_volume``), ``calibration``
             the encoding's :class:`~anofpdm_monai.calibration.Calibration`, ``section`` the typed
             calibration section (None when ``section`` is None), ``setup`` ``"mixed"`` or ``"unhealthy"``.
         section: the :class:`CalibrationSection` the decision reads, or None (the paper's fields only).

@@ -109,11 +109,12 @@ def check_segment_outputs(records: Sequence[Any], out_dir: str | Path, extra: Se
 
 def check_store_outputs(records: Sequence[Any], store: str | Path, source: str | Path) -> None:
     """:func:`check_outputs_spare_inputs` for ``preprocess``: the store's files against the cases' files and ``source``."""
+    from anofpdm_monai.data import MANIFEST_FILE, SETTINGS_FILE, SKIPPED_FILE
     from anofpdm_monai.readers import record_files
 
     store = Path(store)
     inputs = [source, *(p for r in records for p in record_files(r))]
-    names = ["settings.json", "manifest.csv", "skipped.csv", "run.json", "preprocess.log"]
+    names = [SETTINGS_FILE, MANIFEST_FILE, SKIPPED_FILE, RUN_RECORD, "preprocess.log"]
     outputs = [store / n for n in names] + [store / d / f"{r.case_id}{ext}" for r in records
                                            for d, ext in (("images", ".npy"), ("masks", ".npy"), ("cases", ".json"))]  # fmt: skip
     check_outputs_spare_inputs(inputs, outputs, "choose a store folder apart from the input files", "store")

@@ -211,7 +211,7 @@ def inference_settings(slice_inferer: Any) -> dict[str, Any]:
     and the sha256 of its calibration's content (a recalibrated model differs even where w and N do not).
 
     Args:
-        slice_inferer: an :class:`anofpdm_monai.inferers.SliceInferer` (its ``encoding``, ``steps``,
+        slice_inferer: an :class:`anofpdm_monai.inferers.ForwardProcessInferer` (its ``encoding``, ``steps``,
             ``stride``, ``calibration`` and ``predict_eps``).
     """
     from anofpdm_monai.calibration import predictor_precision

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from anofpdm_monai.bundled import resolve_model_dir
-from anofpdm_monai.io import InputError, atomic_write_text, check_case_id, read_json
+from anofpdm_monai.io import InputError, atomic_write_text, check_case_id, read_json, spacing_volume_mm3
 from anofpdm_monai.methods import AnoFPDMMethod, all_methods
 from anofpdm_monai.metrics import PIXEL_LABEL_MARKER, SUMMARY_COLUMNS, pixel_label_note
 from anofpdm_monai.networks import UNHEALTHY
@@ -168,7 +168,7 @@ def shown_method(summary: Mapping[str, Any], results: Path, case_ids: Sequence[s
 def case_voxel_ml(path: Path) -> float:
     """Volume in ml of one voxel of a case's stacked slices (NaN when its file does not record ``voxel_mm``)."""
     with np.load(path) as data:
-        return float(np.prod(data["voxel_mm"]) / 1000.0) if "voxel_mm" in data.files else math.nan
+        return spacing_volume_mm3(data["voxel_mm"]) / 1000.0 if "voxel_mm" in data.files else math.nan
 
 
 def case_rows(cases: pd.DataFrame, slices: pd.DataFrame, voxel_ml: Mapping[str, float]) -> list[CaseRow]:

@@ -47,11 +47,13 @@ from anofpdm_monai.io import (
     check_label_values,
     check_same_grid,
     load_nifti,
+    spacing_volume_mm3,
     voxel_volume_mm3,
 )
 from anofpdm_monai.metrics import volume_dice
 from anofpdm_monai.provenance import write_run_record
 from anofpdm_monai.readers import detect_layout, read_cases
+from anofpdm_monai.segmentation import VOLUME_CONNECTIVITY, label_components
 
 """Largest difference between the affine entries of a prediction and its label (mm) still taken as one grid."""
 
@@ -300,14 +302,15 @@ def lesion_f1(tp: int, fn: int, fp: int) -> float:
     return tp / (tp + 0.5 * (fn + fp))
 
 
-CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
-STRUCTURES = {26: CONNECTIVITY_26, 18: ndimage.generate_binary_structure(3, 2), 6: ndimage.generate_binary_structure(3, 1)}
+STRUCTURES = VOLUME_CONNECTIVITY
 """Neighbourhoods by connectivity: 26 (faces, edges, corners), 18 (faces, edges), 6 (faces)."""
 
 
 def components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """``(labels, n)``: the connected components of an (X, Y, Z) bool mask, numbered 1..n (0: background)."""
-    return ndimage.label(mask, structure=STRUCTURES[connectivity])
+    """``(labels, n)``: the connected components of an (X, Y, Z) bool mask, numbered 1..n (0: background)
+    (:func:`~anofpdm_monai.segmentation.label_components` at ``connectivity``)."""
+    labels, sizes = label_components(mask, connectivity=connectivity)
+    return labels, len(sizes) - 1
 
 
 def lesion_detection(pred: np.ndarray, truth: np.ndarray, connectivity: int = 26) -> LesionCounts:
@@ -620,7 +623,9 @@ def _lesion_box(lesion: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in np.nonzero(lesion))
 
 
-def brats2023_lesions(pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray, convention: Convention) -> LesionScores:
+def brats2023_lesions(
+    pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray, convention: Convention, voxel_mm3: float | None = None
+) -> LesionScores:
     """BraTS 2023's lesion-wise scores of one case (the BraTS-2023-Metrics definitions).
 
     1. True lesions: 26-connected components of the label; those lying in one 26-connected component of
@@ -635,14 +640,17 @@ def brats2023_lesions(pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray, 
 
     Args:
         pred, truth: (X, Y, Z) bool masks of one shape.
-        spacing: (3,) voxel sizes in mm (their product is the voxel volume of the size filter).
+        spacing: (3,) voxel sizes in mm (the distances).
         convention: the BraTS 2023 rules (:data:`CONVENTIONS`).
+        voxel_mm3: volume of one voxel in mm^3, of the size filter (:func:`score_case`: |det| of the grid's affine,
+            :func:`~anofpdm_monai.io.voxel_volume_mm3`); None: the product of ``spacing``, the same on any grid whose
+            axes are orthogonal (:func:`~anofpdm_monai.io.spacing_volume_mm3`).
     """
     structure = STRUCTURES[18]
     dilated_labels, n_groups = components(ndimage.binary_dilation(truth, structure, convention.dilation), 26)
     lesions = np.where(truth, dilated_labels, 0)
     pred_labels, n_pred = components(pred, 26)
-    voxel_mm3 = float(np.prod(spacing))
+    voxel_mm3 = spacing_volume_mm3(spacing) if voxel_mm3 is None else float(voxel_mm3)
     touched: set[int] = set()
     dices, distances = [], []
     tp = fn = 0
@@ -704,10 +712,13 @@ def bipartite_lesions(pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray, 
     )  # fmt: skip
 
 
-def lesion_scores(pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray, convention: Convention) -> LesionScores:
-    """The convention's lesion-wise scores of one case (its matching rule, :class:`Convention`)."""
+def lesion_scores(
+    pred: np.ndarray, truth: np.ndarray, spacing: np.ndarray, convention: Convention, voxel_mm3: float | None = None
+) -> LesionScores:
+    """The convention's lesion-wise scores of one case (its matching rule, :class:`Convention`; ``voxel_mm3``: see
+    :func:`brats2023_lesions`)."""
     if convention.matching == "dilated":
-        return brats2023_lesions(pred, truth, spacing, convention)
+        return brats2023_lesions(pred, truth, spacing, convention, voxel_mm3)
     if convention.matching == "bipartite":
         return bipartite_lesions(pred, truth, spacing, convention)
     counts = lesion_detection(pred, truth, convention.connectivity)
@@ -733,7 +744,7 @@ def score_case(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray, conventi
     rules = get_convention(convention)
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     spacing, ml = voxel_spacing(affine), voxel_ml(affine)
-    lesions = lesion_scores(pred, truth, spacing, rules)
+    lesions = lesion_scores(pred, truth, spacing, rules, voxel_volume_mm3(affine))
     true_ml, pred_ml = int(truth.sum()) * ml, int(pred.sum()) * ml
     count_diff = abs(components(truth, rules.connectivity)[1] - components(pred, rules.connectivity)[1])
     return {

@@ -193,23 +193,31 @@ SIZE_UNITS = ("voxels", "mm3")
 """Units of a minimum component size (:func:`keep_components`): a voxel (or pixel) count, or a volume in mm^3."""
 
 
-def label_components(mask: np.ndarray, planar: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components at full connectivity (8 in a plane, 26 in a volume), with ``scipy.ndimage.label``.
+VOLUME_CONNECTIVITY = {26: np.ones((3, 3, 3), dtype=bool), 18: ndimage.generate_binary_structure(3, 2),
+                       6: ndimage.generate_binary_structure(3, 1)}  # fmt: skip
+"""Neighbourhoods of a voxel by connectivity: 26 (faces, edges, corners), 18 (faces, edges), 6 (faces)."""
+
+
+def label_components(mask: np.ndarray, planar: bool = False, connectivity: int = 26) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components (8-connected in a plane; 26-, 18- or 6-connected in a volume), with ``scipy.ndimage.label``.
 
     Args:
         mask: bool array, (..., S, S) planes when ``planar`` (each plane labelled alone, labels distinct
             across planes), else one (X, Y, Z) volume.
+        connectivity: of a volume, a key of :data:`VOLUME_CONNECTIVITY` (default 26: full); planes are 8-connected.
 
     Returns:
-        ``(labels, sizes)``: int labels of the shape of ``mask`` (0 background) and the voxel count of each
-        label (index 0 unused).
+        ``(labels, sizes)``: int labels of the shape of ``mask`` (0 background, components numbered 1..n) and
+        the voxel count of each label (index 0 unused; ``len(sizes) - 1`` components).
     """
     mask = np.asarray(mask, dtype=bool)
     if not planar:
         if mask.ndim != 3:
             raise ValueError(f"a volume mask must be 3-D (X, Y, Z), got shape {mask.shape}")
-        labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-        return labels, np.bincount(labels.ravel())
+        if connectivity not in VOLUME_CONNECTIVITY:
+            raise ValueError(f"connectivity={connectivity} must be one of {sorted(VOLUME_CONNECTIVITY)}")
+        labels, count = ndimage.label(mask, structure=VOLUME_CONNECTIVITY[connectivity])
+        return labels, np.bincount(labels.ravel(), minlength=count + 1)
     planes = mask.reshape(-1, *mask.shape[-2:])
     labels = np.zeros(planes.shape, dtype=np.int64)
     offset, structure = 0, np.ones((3, 3), dtype=bool)

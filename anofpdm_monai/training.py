@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from anofpdm_monai.config import TRAINING_SETTINGS_FILE, DiffusionConfig, ModelConfig, network_preset
 from anofpdm_monai.data import PreprocessedStore, SliceDataset
-from anofpdm_monai.distributed import process_rank
+from anofpdm_monai.distributed import ProcessRank, process_rank
 from anofpdm_monai.io import InputError, atomic_save_dataframe, atomic_torch_save, atomic_write_json, safe_torch_load
 from anofpdm_monai.networks import (
     HEALTHY,
@@ -39,7 +39,6 @@ from anofpdm_monai.networks import (
 from anofpdm_monai.noise import SIMPLEX_FREQUENCY, SIMPLEX_OCTAVES, SIMPLEX_PERSISTENCE, draw_noise
 
 LOG_COLUMNS = ["step", "loss", "lr", "wall_s"]
-TRAINING_FILE = TRAINING_SETTINGS_FILE  # the training settings and steps done, beside config.json
 COMPONENT_FILE = "component.json"  # in a component's folder: which recipe made it (MODEL/baselines/NAME/)
 
 
@@ -121,29 +120,21 @@ class TrainSettings:
     recipe: str = "anofpdm"
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
-    if not process_rank().distributed:
-        return DistInfo()
+def init_distributed(device: torch.device) -> ProcessRank:
+    """This process's rank (:func:`anofpdm_monai.distributed.process_rank`); under torchrun the process group is
+    joined first (NCCL on GPUs, gloo on CPU)."""
+    rank = process_rank()
+    if not rank.distributed:
+        return rank
     if device.type == "cuda":
         # One GPU per process: without this every rank would run on cuda:0.
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return rank
 
 
-def batch_indices(step: int, batch_size: int, num_items: int, seed: int, dist_info: DistInfo) -> np.ndarray:
+def batch_indices(step: int, batch_size: int, num_items: int, seed: int, dist_info: ProcessRank) -> np.ndarray:
     """This rank's share of the global batch at ``step``: positions ``[step*B, (step+1)*B)`` of a
     stream of seeded per-epoch permutations, split across ranks (a deterministic distributed sampler)."""
     start = step * batch_size
@@ -275,7 +266,7 @@ def earlier_runs(model_dir: Path, step: int) -> list[dict]:
     """The runs ``training.json`` records that the checkpoint at ``step`` continues (later ones are dropped,
     the last one ends at ``step``); [] when the file is missing or unreadable."""
     try:
-        runs = json.loads((model_dir / TRAINING_FILE).read_text()).get("runs")
+        runs = json.loads((model_dir / TRAINING_SETTINGS_FILE).read_text()).get("runs")
     except (OSError, ValueError, AttributeError):
         return []
     if not isinstance(runs, list):
@@ -504,7 +495,7 @@ def save_checkpoint(
         atomic_write_json(model_dir / COMPONENT_FILE, component)
     atomic_torch_save({k: v.detach().cpu() for k, v in ema.state_dict().items()}, model_dir / "model.pt")
     if training is not None:
-        atomic_write_json(model_dir / TRAINING_FILE, training)
+        atomic_write_json(model_dir / TRAINING_SETTINGS_FILE, training)
     atomic_save_dataframe(pd.DataFrame(log_rows, columns=LOG_COLUMNS), model_dir / "log.csv")
     atomic_torch_save(
         {

@@ -38,6 +38,7 @@ from anofpdm_monai.io import (
     check_field_voxels,
     check_label_values,
     load_nifti,
+    spacing_volume_mm3,
 )
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -288,7 +289,7 @@ def looks_whole_head(nonzero: np.ndarray, spacing: Sequence[float]) -> str | Non
     air = sum(int(f.sum()) for f in faces) / sum(f.size for f in faces)
     if air > WHOLE_HEAD_AIR:
         return f"{air:.0%} of the grid's side faces are non-zero: noise in the air"
-    ml = float(nonzero.sum()) * float(np.prod(spacing)) / 1000.0
+    ml = float(nonzero.sum()) * spacing_volume_mm3(spacing) / 1000.0
     if ml > WHOLE_HEAD_ML:
         return f"{ml:.0f} ml of non-zero voxels (a brain holds under ~2,000 ml)"
     return None

@@ -52,7 +52,7 @@ import torch
 from scipy import ndimage
 
 from anofpdm_monai.forward_process import ForwardProcessResult
-from anofpdm_monai.io import voxel_volume_mm3
+from anofpdm_monai.io import spacing_volume_mm3, voxel_volume_mm3
 from anofpdm_monai.methods import (
     DEFAULT_FP_RATE,
     ENCODINGS,
@@ -77,7 +77,7 @@ MIN_LESION_MM3 = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 20
 """Candidate minimum lesion sizes in mm^3, ascending: the rate rule takes the smallest that meets the rate."""
 SIZE_RULES = ("fp_rate", "accuracy")
 """How ``min_lesion_mm3`` was chosen: by the false-positive rate (this release), or with ``q`` by image-level
-accuracy (calibrations of schema version 2 and older, migrated by :func:`anofpdm_monai.calibration.migrate`)."""
+accuracy (calibrations of schema version 2 and older, migrated by :func:`migrate_section`)."""
 NEIGHBOUR_WEIGHTS = (0.25, 0.5, 0.25)
 
 
@@ -201,7 +201,7 @@ def keep_lesions(masks: torch.Tensor, slice_indices: np.ndarray, voxel_mm: Seque
     if min_mm3 <= 0 or not bool(masks.any()):
         return masks
     stack, rows = stack_slices(masks, slice_indices)
-    kept = keep_components(stack, min_mm3, unit="mm3", voxel_mm3=float(np.prod(voxel_mm)))
+    kept = keep_components(stack, min_mm3, unit="mm3", voxel_mm3=spacing_volume_mm3(voxel_mm))
     return torch.from_numpy(kept[rows]).to(masks.device)
 
 
@@ -416,7 +416,7 @@ class VolumeComponents:
     def of(cls, raw: torch.Tensor, volume: ValidationVolume) -> VolumeComponents:
         """From (B, S, S) bool thresholded brain pixels of ``volume`` (image-level labels only)."""
         labels, sizes = component_labels(raw, volume.inputs.slice_indices)
-        voxel_mm3 = float(np.prod(volume.inputs.voxel_mm))
+        voxel_mm3 = spacing_volume_mm3(volume.inputs.voxel_mm)
         mm3 = sizes * voxel_mm3  # as keep_components measures them
         mm3[0] = 0.0  # the background is no component
         unhealthy_rows = volume.labels.astype(bool)
@@ -560,7 +560,7 @@ def validation_volumes(
         store: a preprocessed store with a ``val`` split (its masks are never read; the manifest's
             slice labels are the image-level labels).
         forward: ``(slices (B, C, S, S), case id, slice indices) -> ForwardProcessResult`` (G = 1),
-            e.g. :meth:`anofpdm_monai.inferers.SliceInferer.forward_process`.
+            e.g. :meth:`anofpdm_monai.inferers.ForwardProcessInferer.forward_process`.
         max_volumes: at most this many patients (a seeded choice, preferring patients with both
             healthy and unhealthy slices).
         seed: the choice's seed.
@@ -612,8 +612,19 @@ def describe(volume: VolumeCalibration) -> str:
             f"{volume.health}{' (with neighbours)' if volume.smooth_slices else ''}: accuracy {volume.accuracy:.3f}")  # fmt: skip
 
 
+def migrate_section(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """The ``"volume"`` object of a ``calibration.json`` of schema ``version`` as the current one.
+
+    Version 1 wrote the section as version 2 does; versions 1 and 2 chose the minimum lesion size with q by
+    image-level accuracy and did not say so (read as ``size_rule: "accuracy"``, no rate).
+    """
+    if version < 3:
+        data = {"size_rule": "accuracy", "fp_rate": None, "fp_per_100ml": None, "healthy_ml": None, **data}
+    return data
+
+
 SECTION = CalibrationSection(
-    "volume", VolumeCalibration, calibrate_section, describe=describe,
+    "volume", VolumeCalibration, calibrate_section, describe=describe, migrate=migrate_section,
     missing="recalibrate with volume mode on (anofpdm calibrate -m MODEL -d PREP --volume-only) to use the -volume methods",
 )  # fmt: skip
 register_decision(Decision("volume", volume_decision, section=SECTION, needs_volume=True, input_mask=input_grid_mask))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from anofpdm_monai.calibration import plot_calibration, predictor_precision
 from anofpdm_monai.cohorts import CalibrationSettings, calibrate_model
+from anofpdm_monai.forward_process import ENCODINGS
 from anofpdm_monai.logs import log_to_file
 from anofpdm_monai.methods import DEFAULT_FP_RATE
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="forward-step budget N (paper: 600), or several, e.g. 100,200,300,400,600, to select N too (one run)",
     )  # fmt: skip
     parser.add_argument("--stride", type=int, default=1, help="visit every k-th step (fast mode: k > 1)")
-    parser.add_argument("--encoding", choices=["ddim", "ddpm"], default="ddim", help="forward-process encoding to calibrate (ddpm: calibration_ddpm.json)")
+    parser.add_argument("--encoding", choices=ENCODINGS, default=ENCODINGS[0], help="forward-process encoding to calibrate (ddpm: calibration_ddpm.json)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="slices per forward process (2 x this per network call); bounds memory")
     parser.add_argument(
         "--volume-cases", dest="section_cases", metavar="VOLUME_CASES", type=int, default=4,

@@ -9,13 +9,14 @@ from anofpdm_monai.cohorts import PreprocessSettings, preprocess_cohort
 from anofpdm_monai.data import assign_splits
 from anofpdm_monai.io import InputError
 from anofpdm_monai.logs import get_logger
+from anofpdm_monai.readers import READERS
 from pipelines.options import add_brain_mask_argument, add_max_voxels_argument, cli_message, record_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, help="raw cohort folder (or manifest CSV)")
     parser.add_argument("-o", "--output", required=True, help="store folder to write")
-    parser.add_argument("--dataset", required=True, choices=["brats", "atlas", "nnunet", "manifest"], help="layout of -i (docs/data.md)")
+    parser.add_argument("--dataset", required=True, choices=list(READERS), help="layout of -i (docs/data.md)")
     parser.add_argument("--size", type=int, default=128, help="slice side S (paper 128; tiny preset 64)")
     parser.add_argument("--split", default="0.75,0.05,0.20", help="train,val,test fractions by patient")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from anofpdm_monai.bundled import resolve_model_dir
+from anofpdm_monai.config import PRESETS
 from anofpdm_monai.logs import get_logger, log_to_file
 from anofpdm_monai.provenance import write_run_record
 from anofpdm_monai.training import RECIPES, TrainSettings, train
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to train: " + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
         + ". A component goes into the main model's folder as -o MODEL/baselines/RECIPE (docs/baselines.md)",
     )  # fmt: skip
-    parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny", help="network size (docs/training.md)")
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny", help="network size (docs/training.md)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="optimizer steps in total (resume counts on)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training slices (default 1)")

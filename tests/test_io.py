@@ -149,3 +149,12 @@ def test_save_like_refuses_an_array_off_the_reference_grid(tmp_path):
     with pytest.raises(ValueError, match="differs from the reference grid"):
         io.save_like(np.ones((4, 5, 7)), reference, tmp_path / "bad.nii.gz", np.uint8)
     assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_spacing_volume_is_the_affine_volume_on_an_axis_aligned_grid():
+    spacing = (0.9375, 1.2, 3.0)
+    assert io.spacing_volume_mm3(spacing) == pytest.approx(io.voxel_volume_mm3(np.diag([*spacing, 1.0])))
+    sheared = np.diag([1.0, 1.0, 2.0, 1.0])
+    sheared[0, 1] = 1.0  # column norms (1, sqrt 2, 2): their product is not the voxel's volume
+    assert io.voxel_volume_mm3(sheared) == pytest.approx(2.0)
+    assert io.spacing_volume_mm3(np.linalg.norm(sheared[:3, :3], axis=0)) == pytest.approx(2.0 * np.sqrt(2.0))

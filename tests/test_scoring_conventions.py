@@ -296,3 +296,14 @@ def test_brats2025_equals_panoptica(name):
     in_voxels = score_case(pred, truth, np.eye(4), "brats2025")["hd95_mm"]
     assert same(in_voxels, theirs["global_bin_hd95"]), (in_voxels, theirs["global_bin_hd95"])
     assert voxel_spacing(AFFINE).tolist() == list(SPACING)
+
+
+def test_brats2023_size_filter_measures_the_voxel_by_the_affine():
+    # a sheared grid: column norms (1, sqrt 2, 1), but each voxel holds |det| = 1 mm^3
+    sheared = np.eye(4)
+    sheared[0, 1] = 1.0
+    truth = np.zeros((10, 10, 10), bool)
+    truth[2:6, 2:7, 2:4] = True  # 40 voxels: 40 mm^3 (<= 50, not scored), not 40 sqrt 2 = 57 mm^3
+    row = score_case(np.zeros_like(truth), truth, sheared, "brats2023")
+    assert (row["true_lesions"], row["fn"]) == (0, 0)
+    assert row["true_ml"] == pytest.approx(0.040)

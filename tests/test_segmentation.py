@@ -233,3 +233,21 @@ def test_overlay_shows_largest_masks_then_strongest_maps():
     masks[0, 0] = True  # 4 pixels
     assert overlay_slices(maps, masks, 4).tolist() == [3, 0, 1, 4]  # then by map maximum
     assert overlay_slices(maps, torch.zeros_like(masks), 2).tolist() == [1, 4]
+
+
+@pytest.mark.parametrize("connectivity", [26, 18, 6])
+def test_label_components_at_each_connectivity_is_ndimage_label(connectivity):
+    from anofpdm_monai.scoring import components
+    from anofpdm_monai.segmentation import VOLUME_CONNECTIVITY, label_components
+
+    mask = np.random.default_rng(connectivity).random((12, 11, 10)) > 0.7
+    expected, n = ndimage.label(mask, structure=VOLUME_CONNECTIVITY[connectivity])
+    labels, sizes = label_components(mask, connectivity=connectivity)
+    np.testing.assert_array_equal(labels, expected)
+    assert len(sizes) == n + 1 and sizes[1:].sum() == mask.sum()
+    scored, count = components(mask, connectivity)
+    np.testing.assert_array_equal(scored, expected)
+    assert count == n
+    assert label_components(np.zeros((3, 3, 3), bool), connectivity=connectivity)[1].tolist() == [27]
+    with pytest.raises(ValueError, match="connectivity"):
+        label_components(mask, connectivity=4)
