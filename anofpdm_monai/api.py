@@ -382,16 +382,16 @@ def result_of(future: Future) -> Any:
     """A worker's result; a worker process that died takes the run down with one line saying why it may have.
 
     Raises:
-        RuntimeError: the pool broke (the process was killed, e.g. out of memory, or it could not start: spawned
+        InputError: the pool broke (the process was killed, e.g. out of memory, or it could not start: spawned
             workers import the caller's main script, which must guard its work with ``if __name__ == "__main__":``).
     """
     try:
         return future.result()
     except BrokenProcessPool as err:
-        raise RuntimeError(
+        raise InputError(
             "a loader or writer process of segment died (killed, e.g. out of memory, or it could not start: a script that "
             "calls segment must guard its work with `if __name__ == \"__main__\":`); run with num_workers=0 to load "
-            "and write in this process"
+            "and write in this process", arguments="num_workers"
         ) from err
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from anofpdm_monai.baselines import apply_threshold, best_threshold_dice, lesion_polarity
-from anofpdm_monai.data import PreprocessedStore
+from anofpdm_monai.data import MANIFEST_FILE, PreprocessedStore
 from anofpdm_monai.distributed import resolve_parts, shard
 from anofpdm_monai.forward_process import visited_timesteps
 from anofpdm_monai.inferers import ForwardProcessInferer, VolumeInferer, slice_seeds, write_segmentation
@@ -99,7 +99,7 @@ class Cohort:
     def __init__(self, source: str | Path, inferer: VolumeInferer, split: str = "test") -> None:
         self.source = Path(source)
         self.inferer = inferer
-        if (self.source / "manifest.csv").is_file():
+        if (self.source / MANIFEST_FILE).is_file():
             self.store: PreprocessedStore | None = PreprocessedStore(self.source)
             cfg, model_cfg = self.store.config, inferer.config.preprocess
             if cfg.channel_names != model_cfg.channel_names or cfg.image_size != model_cfg.image_size:

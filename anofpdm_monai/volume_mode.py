@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from anofpdm_monai.forward_process import ForwardProcessResult
 from anofpdm_monai.io import spacing_volume_mm3, voxel_volume_mm3
@@ -602,7 +601,7 @@ def volume_decision(result: ForwardProcessResult, volume: VolumeInputs, calibrat
 def describe(volume: VolumeCalibration) -> str:
     """One line on the calibrated volume family, for the calibration's log."""
     if volume.size_rule == "fp_rate":
-        met = "" if volume.fp_per_100ml <= volume.fp_rate + 1e-12 else f", NOT met by any candidate size (largest taken)"
+        met = "" if volume.fp_per_100ml <= volume.fp_rate + 1e-12 else ", NOT met by any candidate size (largest taken)"
         size = (f"components >= {volume.min_lesion_mm3:g} mm^3 (healthy slices: {volume.fp_per_100ml:.3g} false-positive "
                 f"components per 100 ml at fp_rate {volume.fp_rate:g}{met}; {volume.healthy_ml:.0f} ml)")  # fmt: skip
     else:
