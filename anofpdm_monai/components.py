@@ -37,7 +37,7 @@ def training_command(model_dir: str | Path, name: str) -> str:
 
 
 @dataclass
-class Component:
+class LoadedComponent:
     """A loaded component.
 
     Attributes:
@@ -65,7 +65,7 @@ class Component:
         return NoisePredictor(self.network, autocast=use_bf16(precision, device))
 
 
-def load_component(model_dir: str | Path, name: str, main_config: ModelConfig, device: torch.device | str = "cpu") -> Component:
+def load_component(model_dir: str | Path, name: str, main_config: ModelConfig, device: torch.device | str = "cpu") -> LoadedComponent:
     """Load the component ``name`` of the model in ``model_dir``.
 
     Args:
@@ -96,4 +96,4 @@ def load_component(model_dir: str | Path, name: str, main_config: ModelConfig, d
     load_weights(network, safe_torch_load(folder / "model.pt"), folder / "model.pt", config.network)
     network = network.to(device).eval()
     network.requires_grad_(False)
-    return Component(name, folder, recipe, network, config, file_sha256(folder / "model.pt"))
+    return LoadedComponent(name, folder, recipe, network, config, file_sha256(folder / "model.pt"))

@@ -75,7 +75,7 @@ def log_to_file(folder: str | Path, verb: str, part: tuple[int, int] | None = No
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = LogFileHandler(open_log(path))
+        handler = VerbLogHandler(open_log(path))
     except OSError as err:
         raise InputError(f"{path}: cannot write the log file ({err.strerror}); choose a writable output folder") from err
     handler.log_path = path.resolve()  # type: ignore[attr-defined]
@@ -85,7 +85,7 @@ def log_to_file(folder: str | Path, verb: str, part: tuple[int, int] | None = No
     return path
 
 
-class LogFileHandler(logging.StreamHandler):
+class VerbLogHandler(logging.StreamHandler):
     """A handler on a log file opened by :func:`open_log`; closing the handler closes the file."""
 
     def close(self) -> None:

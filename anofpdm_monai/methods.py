@@ -168,7 +168,7 @@ def calibration_sections() -> dict[str, CalibrationSection]:
 
 
 @dataclass(frozen=True)
-class Method:
+class MethodEntry:
     """What every method has.
 
     Attributes:
@@ -192,7 +192,7 @@ class Method:
 
 
 @dataclass(frozen=True)
-class AnoFPDMMethod(Method):
+class AnoFPDMMethod(MethodEntry):
     """A decision variant on the forward process of one encoding.
 
     Attributes:
@@ -281,7 +281,7 @@ class MethodContext:
 
 
 @dataclass(frozen=True)
-class ReconstructionMethod(Method):
+class ReconstructionMethod(MethodEntry):
     """A baseline with per-slice anomaly maps, binarised by a threshold tuned on validation pixel labels.
 
     Attributes:
@@ -352,17 +352,17 @@ def grid_points(grid: Mapping[str, Sequence]) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class ThresholdMethod(Method):
+class ThresholdMethod(MethodEntry):
     """The oracle intensity threshold of the map channels' mean (computed when the tables are merged)."""
 
     uses_pixel_labels: bool = True
     kind = "threshold"
 
 
-REGISTRY: dict[str, Method] = {}
+REGISTRY: dict[str, MethodEntry] = {}
 
 
-def register(method: Method) -> Method:
+def register(method: MethodEntry) -> MethodEntry:
     """Add ``method`` to the registry (a name is registered once)."""
     if not isinstance(method, (AnoFPDMMethod, ReconstructionMethod, ThresholdMethod)):
         raise ValueError(f"method {getattr(method, 'name', method)!r}: register an AnoFPDMMethod, ReconstructionMethod or ThresholdMethod")
@@ -384,14 +384,14 @@ def _load_builtin() -> None:
             importlib.import_module(module)
 
 
-def all_methods() -> dict[str, Method]:
+def all_methods() -> dict[str, MethodEntry]:
     """Every registered method by name: the AnoFPDM ones, then the reconstruction baselines, then the oracle
     threshold, each kind in registration order (the order of the summary's rows)."""
     _load_builtin()
     return {m.name: m for kind in KINDS for m in REGISTRY.values() if m.kind == kind}
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str) -> MethodEntry:
     """The registered method ``name``; an InputError listing the known names otherwise."""
     methods = all_methods()
     if name not in methods:
