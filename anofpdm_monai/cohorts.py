@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from anofpdm_monai.calibration import Calibration, DivergenceCurve, calibrate
+from anofpdm_monai.calibration import Calibration, DivergenceCurve, calibrate, plot_calibration, predictor_precision
 from anofpdm_monai.config import PreprocessConfig, check_register_to
 from anofpdm_monai.data import (
     SETTINGS_FILE,
@@ -98,8 +98,22 @@ def validation_sample(store: PreprocessedStore, n_val: int, seed: int) -> tuple[
     return images, labels
 
 
-def calibrate_model(model: AnoFPDMModel, data: str | Path, settings: CalibrationSettings | None = None) -> CalibrationOutcome:
-    """Calibrate a model folder on a store's validation split and save ``calibration*.json`` beside its weights.
+def calibration_record_name(calibration_file: str | Path) -> str:
+    """The run record beside a calibration: ``run_calibrate.json`` (DDIM), ``run_calibrate_ddpm.json`` (DDPM)."""
+    return Path(calibration_file).name.replace("calibration", "run_calibrate", 1)
+
+
+def calibrate_model(model: AnoFPDMModel, data: str | Path, settings: CalibrationSettings | None = None, *,
+                    record: Callable[[dict], dict] | None = None) -> CalibrationOutcome:  # fmt: skip
+    """Calibrate a model folder on a store's validation split and save ``calibration*.json`` beside its weights, its
+    run record (:func:`calibration_record_name`), the plot of its curves (``calibration*.png``) and, under a verb,
+    its log (``MODEL/calibrate.log``): the whole of ``anofpdm calibrate`` after its arguments are parsed.
+
+    Args:
+        model: the loaded model.
+        data: a preprocessed store with a val split.
+        settings: the calibration's choices.
+        record: ``(resolved settings) -> run record`` (the CLI adds its flags); default: the library's record.
 
     Raises:
         InputError: the store does not fit the model, or ``sections_only`` without an existing calibration or cases.
@@ -113,6 +127,7 @@ def calibrate_model(model: AnoFPDMModel, data: str | Path, settings: Calibration
             f"{data}: store has channels {store.config.channel_names} at {store.config.image_size}px, the model "
             f"takes {config.preprocess.channel_names} at {config.network.image_size}px; use the store the model was trained on"
         )
+    log_to_file(model.folder, "calibrate")
     predict_eps = model.noise_predictor(settings.precision)
     alphas_cumprod = model.alphas_cumprod.to(device)
     out = calibration_path(model.folder, settings.encoding)
@@ -144,6 +159,12 @@ def calibrate_model(model: AnoFPDMModel, data: str | Path, settings: Calibration
                 calibration.sections[name] = section.calibrate(context)
                 log.info(section.describe(calibration.sections[name]) if section.describe else f"{name}: calibrated")
     calibration.save(out)
+    resolved = {"data": Path(data).resolve(), "device": str(device), "precision": predictor_precision(predict_eps),
+                "w_grid": list(settings.w_grid), "steps": list(settings.steps), "output": out.resolve()}  # fmt: skip
+    run = record(resolved) if record is not None else run_record("calibrate", None, {**asdict(settings), **resolved}, model.folder)
+    write_run_record(model.folder, run, calibration_record_name(out))
+    if curves:
+        plot_calibration(calibration, curves, out.with_suffix(".png"))
     return CalibrationOutcome(calibration, out, curves)
 
 

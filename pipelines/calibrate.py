@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from anofpdm_monai.calibration import plot_calibration, predictor_precision
 from anofpdm_monai.cohorts import CalibrationSettings, calibrate_model
 from anofpdm_monai.forward_process import ENCODINGS
-from anofpdm_monai.logs import log_to_file
 from anofpdm_monai.methods import DEFAULT_FP_RATE
 from anofpdm_monai.model import DEFAULT_BATCH_SIZE, AnoFPDMModel
-from anofpdm_monai.provenance import write_run_record
 from pipelines.options import add_device_arguments, record_of
 
 
@@ -54,22 +50,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ValueError(f"--steps {args.steps!r}: give one or more comma-separated integers, e.g. 600 or 200,400,600") from err
     model = AnoFPDMModel.from_folder(args.model, args.device)
-    log_to_file(model.folder, "calibrate")
     settings = CalibrationSettings(
         w_grid=w_grid, n_val=args.n_val, steps=steps, stride=args.stride, encoding=args.encoding, batch_size=args.batch_size,
         section_cases=args.section_cases, sections_only=args.sections_only, seed=args.seed, precision=args.precision,
         fp_rate=args.fp_rate,
     )  # fmt: skip
-    outcome = calibrate_model(model, args.data, settings)
-    resolved = {"data": Path(args.data).resolve(), "device": str(model.device),
-                "precision": predictor_precision(model.noise_predictor(args.precision)),
-                "w_grid": w_grid, "steps": steps, "output": outcome.path.resolve()}  # fmt: skip
-    write_run_record(model.folder, record_of("calibrate", args, resolved, model.folder), calibration_record_name(outcome.path))
-    if outcome.curves:
-        plot_calibration(outcome.calibration, outcome.curves, outcome.path.with_suffix(".png"))
+    calibrate_model(model, args.data, settings, record=lambda resolved: record_of("calibrate", args, resolved, model.folder))
     return 0
-
-
-def calibration_record_name(calibration_file: str | Path) -> str:
-    """The run record beside a calibration: ``run_calibrate.json`` (DDIM), ``run_calibrate_ddpm.json`` (DDPM)."""
-    return Path(calibration_file).name.replace("calibration", "run_calibrate", 1)
