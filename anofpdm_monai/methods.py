@@ -6,7 +6,9 @@ own data from older ``calibration.json`` versions: :attr:`CalibrationSection.mig
 name registered methods only as defaults: :data:`anofpdm_monai.model.PREFERRED_METHODS` and
 ``InferenceSettings.method`` (what ``segment`` runs when none is named), ``pipelines/demo.py``'s
 ``DEMO_METHODS``, and the ``"aggregated"`` variant :class:`anofpdm_monai.inferers.ForwardProcessInferer`
-produces when none is given. There are three kinds (docs/architecture.md, "How to add a method"):
+produces when none is given. One section option lives in the generic code: the volume family's false-positive
+rate (:data:`DEFAULT_FP_RATE`, :attr:`SectionContext.fp_rate`, ``CalibrationSettings.fp_rate``, ``calibrate
+--fp-rate``). There are three kinds (docs/architecture.md, "How to add a method"):
 
 * :class:`AnoFPDMMethod`: a decision variant on the shared forward process of its encoding
   (``anofpdm-ddim``, ``anofpdm-ddim-last``, ``anofpdm-ddim-volume``, ...). Its :class:`Decision`
