@@ -17,6 +17,12 @@ processes. For each run the script reads the child's CPU time (``getrusage``), s
     python benchmarks/contention.py --hogs 8 --threads auto,1,2 --steps 100 --stride 10
     python benchmarks/contention.py --hogs 2 --threads auto --steps 20 --stride 10   # smoke run, ~1 min
 
+``--concurrent 1,2,4`` measures instead K ``segment`` processes of the same volume started together (each its
+own output folder), after one run alone: per process the same ``share``, ``slowdown`` and ``excess`` (the
+target of issue 25: excess <= 1.25 at 2 and 4 processes).
+
+    python benchmarks/contention.py --concurrent 1,2,4 --threads auto
+
 The volume is one BraTS-layout phantom patient (seed 3); the model is ``bundled`` unless ``--model``.
 """
 
@@ -47,13 +53,7 @@ def hog() -> None:
 
 def timed_segment(model: str, case: Path, out: Path, threads: str, steps: int | None, stride: int | None) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one ``segment`` run in a child process."""
-    argv = [sys.executable, "-m", "pipelines.cli", "segment", "-m", model, "-i", str(case), "-o", str(out), "--device", "cpu"]
-    if threads != "auto":
-        argv += ["--threads", threads]
-    if steps:
-        argv += ["--steps", str(steps)]
-    if stride:
-        argv += ["--stride", str(stride)]
+    argv = segment_argv(model, case, out, threads, steps, stride)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -63,6 +63,38 @@ def timed_segment(model: str, case: Path, out: Path, threads: str, steps: int | 
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def segment_argv(model: str, case: Path, out: Path, threads: str, steps: int | None, stride: int | None) -> list[str]:
+    argv = [sys.executable, "-m", "pipelines.cli", "segment", "-m", model, "-i", str(case), "-o", str(out), "--device", "cpu"]
+    if threads != "auto":
+        argv += ["--threads", threads]
+    if steps:
+        argv += ["--steps", str(steps)]
+    if stride:
+        argv += ["--stride", str(stride)]
+    return argv
+
+
+def concurrent_segments(model: str, case: Path, work: Path, count: int, threads: str, steps: int | None,
+                        stride: int | None) -> list[tuple[float, float]]:  # fmt: skip
+    """(wall seconds, CPU seconds) of each of ``count`` ``segment`` processes started together."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    start = time.perf_counter()
+    children = {}
+    for index in range(count):
+        argv = segment_argv(model, case, work / f"concurrent{count}_{index}", threads, steps, stride)
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        children[child.pid] = child
+    results = {}
+    while len(results) < count:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in children:
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"a segment process failed (exit {os.waitstatus_to_exitcode(status)})")
+            children[pid].returncode = 0
+            results[pid] = (time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
+    return list(results.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="bundled")
@@ -70,6 +102,8 @@ def main() -> None:
     parser.add_argument("--threads", default="auto,1", help="comma-separated --threads settings; auto: the default")
     parser.add_argument("--steps", type=int, default=None, help="override N (default: calibrated) to keep runs short")
     parser.add_argument("--stride", type=int, default=None)
+    parser.add_argument("--concurrent", default=None, help="comma-separated counts of segment processes run together "
+                        "(e.g. 1,2,4) instead of the hogs")  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON file for the results (e.g. benchmarks/results/contention.json)")
     args = parser.parse_args()
 
@@ -80,6 +114,26 @@ def main() -> None:
     (case_id,) = generate_cohort(work / "raw", "brats", 1, healthy_fraction=0.0, seed=3, progress=False)
     case = work / "raw" / case_id
     rows = {}
+    if args.concurrent:
+        for threads in [t.strip() for t in args.threads.split(",") if t.strip()]:
+            idle_wall, idle_cpu = timed_segment(args.model, case, work / "idle", threads, args.steps, args.stride)
+            print(f"--threads {threads}: alone {idle_wall:.1f} s ({idle_cpu:.1f} CPU-s)", flush=True)
+            for count in [int(c) for c in args.concurrent.split(",")]:
+                runs = concurrent_segments(args.model, case, work, count, threads, args.steps, args.stride)
+                shares = [(cpu / wall) / (idle_cpu / idle_wall) for wall, cpu in runs]
+                slowdowns = [wall / idle_wall for wall, _ in runs]
+                excess = [s * f for s, f in zip(slowdowns, shares)]
+                rows[f"{count} x --threads {threads}"] = {
+                    "alone_s": idle_wall, "wall_s": max(w for w, _ in runs), "share": sum(shares) / count,
+                    "slowdown": max(slowdowns), "excess": max(excess), "processes": [list(r) for r in runs],
+                }  # fmt: skip
+                print(f"{count} processes: wall {max(w for w, _ in runs):.1f} s, mean CPU share {sum(shares) / count:.2f}, "
+                      f"worst slowdown {max(slowdowns):.2f}x, worst excess {max(excess):.2f}", flush=True)  # fmt: skip
+        print(markdown_table(rows, ["alone_s", "wall_s", "share", "slowdown", "excess"], first="processes"))
+        if args.out:
+            write_json(args.out, {"concurrent": args.concurrent, "available_cpus": available_cpus(), "steps": args.steps,
+                                  "stride": args.stride, "model": args.model, "rows": rows})  # fmt: skip
+        return
     for threads in [t.strip() for t in args.threads.split(",") if t.strip()]:
         idle_wall, idle_cpu = timed_segment(args.model, case, work / "idle", threads, args.steps, args.stride)
         hogs = [multiprocessing.Process(target=hog, daemon=True) for _ in range(args.hogs)]
