@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import signal
 import tempfile
 import time
 from collections import deque
@@ -107,14 +108,19 @@ def channel_order(record: CaseRecord, names: Sequence[str]) -> list[Path]:
 
 
 def default_workers(device: torch.device) -> int:
-    """Loader (and as many writer) processes for :func:`segment_records` on ``device``.
+    """Loader (and as many writer) processes for :func:`segment_records` on ``device``: on a GPU up to
+    :data:`MAX_DEFAULT_WORKERS`, leaving the main process one CPU to feed it; on a CPU 0 (loading and writing between
+    the cases: there they only compete with the network, measured on 2 CPU cores a loader beside the network was
+    0.81x as fast, benchmarks/segment_throughput.py)."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(MAX_DEFAULT_WORKERS, available_cpus() - 1))
 
-    On a GPU, up to :data:`MAX_DEFAULT_WORKERS`, leaving the main process one CPU to feed the network; on a CPU, the
-    usable CPUs beyond torch's compute threads (0, loading and writing inline, where the network uses every CPU:
-    measured on 2 CPU cores, a loader thread beside the network was 0.81x as fast, benchmarks/segment_throughput.py).
-    """
-    busy = 1 if device.type == "cuda" else torch.get_num_threads()
-    return max(0, min(MAX_DEFAULT_WORKERS, available_cpus() - busy))
+
+def init_worker() -> None:
+    """A loader or writer process: one compute thread, and Ctrl-C left to the main process (which stops the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 def segment_records(
@@ -241,8 +247,7 @@ def worker_pool(num_workers: int) -> Executor:
     """
     if num_workers == 0:
         return InlineExecutor()
-    return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                               initargs=(1,))  # fmt: skip
+    return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker)
 
 
 @dataclass

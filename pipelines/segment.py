@@ -46,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases finished with the same settings (mask and CASE.json); refused if one was made with others")
     parser.add_argument("--num-workers", type=int, default=None, metavar="N",
                         help="processes that load cases ahead (and as many that write them) while the network runs; 0: load "
-                             "and write between cases; default: up to 3 on a GPU, the CPUs the network leaves free on a CPU (0 "
-                             "where it uses them all)")  # fmt: skip
+                             "and write between cases; default: up to 3 on a GPU, 0 on a CPU")  # fmt: skip
     add_parts_arguments(parser, "segments")
     add_brain_mask_argument(parser, "default: the model folder's (its config.json preprocess.brain_mask)")
     add_max_voxels_argument(parser)

@@ -65,7 +65,7 @@ def test_every_option_of_every_verb_has_a_help_text():
 
 def test_help_shows_the_defaults():
     text = " ".join(verb_parsers()["evaluate"].format_help().split())
-    assert "(default: 8)" in text  # --batch-size
+    assert "(default: 8 on a CPU; on a GPU as many as fit in half its free memory)" in text  # --batch-size
     assert "(default: 200)" in text  # --tune-slices
     assert "(default: None)" not in text and "(default: False)" not in text
 

@@ -182,12 +182,12 @@ def test_the_cli_refuses_a_locked_folder_in_one_line(tmp_path):
 
 
 def test_ctrl_c_one_line_exit_130_no_lock_left(tiny_model_d1, tmp_path, monkeypatch):
-    import pipelines.segment
+    import anofpdm_monai.api
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipelines.segment, "segment_records", interrupted)
+    monkeypatch.setattr(anofpdm_monai.api, "segment_records", interrupted)  # the loop segment_cohort runs
     V.write_case(tmp_path / "raw", "S0")
     out = tmp_path / "out"
     code, _, err = V.run_cli(["segment", "-m", str(tiny_model_d1), "-i", str(tmp_path / "raw"), "-o", str(out), "--device", "cpu"])
