@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -51,18 +50,6 @@ def hog() -> None:
         x = (x * 1103515245 + 12345) % 2147483648
 
 
-def timed_segment(model: str, case: Path, out: Path, threads: str, steps: int | None, stride: int | None) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one ``segment`` run in a child process."""
-    argv = segment_argv(model, case, out, threads, steps, stride)
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
 def segment_argv(model: str, case: Path, out: Path, threads: str, steps: int | None, stride: int | None) -> list[str]:
     argv = [sys.executable, "-m", "pipelines.cli", "segment", "-m", model, "-i", str(case), "-o", str(out), "--device", "cpu"]
     if threads != "auto":
@@ -74,25 +61,34 @@ def segment_argv(model: str, case: Path, out: Path, threads: str, steps: int | N
     return argv
 
 
-def concurrent_segments(model: str, case: Path, work: Path, count: int, threads: str, steps: int | None,
-                        stride: int | None) -> list[tuple[float, float]]:  # fmt: skip
-    """(wall seconds, CPU seconds) of each of ``count`` ``segment`` processes started together."""
+def run_together(argvs: list[list[str]]) -> list[tuple[float, float]]:
+    """(wall seconds, CPU seconds) of each command, all started together (each child's own rusage, ``os.wait4``)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     start = time.perf_counter()
     children = {}
-    for index in range(count):
-        argv = segment_argv(model, case, work / f"concurrent{count}_{index}", threads, steps, stride)
+    for argv in argvs:
         child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         children[child.pid] = child
     results = {}
-    while len(results) < count:
+    while len(results) < len(argvs):
         pid, status, usage = os.wait4(-1, 0)
         if pid in children:
             if os.waitstatus_to_exitcode(status) != 0:
                 raise SystemExit(f"a segment process failed (exit {os.waitstatus_to_exitcode(status)})")
             children[pid].returncode = 0
             results[pid] = (time.perf_counter() - start, usage.ru_utime + usage.ru_stime)
-    return list(results.values())
+    return [results[pid] for pid in children]
+
+
+def timed_segment(model: str, case: Path, out: Path, threads: str, steps: int | None, stride: int | None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one ``segment`` run in a child process."""
+    return run_together([segment_argv(model, case, out, threads, steps, stride)])[0]
+
+
+def against_idle(wall: float, cpu: float, idle_wall: float, idle_cpu: float) -> tuple[float, float, float]:
+    """``(share, slowdown, excess)`` of a run of ``wall`` / ``cpu`` seconds against the same run idle (module docstring)."""
+    share, slowdown = (cpu / wall) / (idle_cpu / idle_wall), wall / idle_wall
+    return share, slowdown, share * slowdown
 
 
 def main() -> None:
@@ -119,10 +115,9 @@ def main() -> None:
             idle_wall, idle_cpu = timed_segment(args.model, case, work / "idle", threads, args.steps, args.stride)
             print(f"--threads {threads}: alone {idle_wall:.1f} s ({idle_cpu:.1f} CPU-s)", flush=True)
             for count in [int(c) for c in args.concurrent.split(",")]:
-                runs = concurrent_segments(args.model, case, work, count, threads, args.steps, args.stride)
-                shares = [(cpu / wall) / (idle_cpu / idle_wall) for wall, cpu in runs]
-                slowdowns = [wall / idle_wall for wall, _ in runs]
-                excess = [s * f for s, f in zip(slowdowns, shares)]
+                runs = run_together([segment_argv(args.model, case, work / f"concurrent{count}_{i}", threads, args.steps, args.stride)
+                                     for i in range(count)])  # fmt: skip
+                shares, slowdowns, excess = zip(*(against_idle(wall, cpu, idle_wall, idle_cpu) for wall, cpu in runs))
                 rows[f"{count} x --threads {threads}"] = {
                     "alone_s": idle_wall, "wall_s": max(w for w, _ in runs), "share": sum(shares) / count,
                     "slowdown": max(slowdowns), "excess": max(excess), "processes": [list(r) for r in runs],
@@ -145,14 +140,13 @@ def main() -> None:
             for process in hogs:
                 process.kill()
                 process.join()
-        share = (load_cpu / load_wall) / (idle_cpu / idle_wall)
-        slowdown = load_wall / idle_wall
+        share, slowdown, excess = against_idle(load_wall, load_cpu, idle_wall, idle_cpu)
         rows[f"--threads {threads}"] = {
             "idle_s": idle_wall, "load_s": load_wall, "idle_cpu_s": idle_cpu, "load_cpu_s": load_cpu,
-            "share": share, "slowdown": slowdown, "excess": slowdown * share,
+            "share": share, "slowdown": slowdown, "excess": excess,
         }  # fmt: skip
         print(f"--threads {threads}: idle {idle_wall:.1f} s, beside {args.hogs} hogs {load_wall:.1f} s "
-              f"(slowdown {slowdown:.2f}x, CPU share {share:.2f}, excess {slowdown * share:.2f})", flush=True)  # fmt: skip
+              f"(slowdown {slowdown:.2f}x, CPU share {share:.2f}, excess {excess:.2f})", flush=True)  # fmt: skip
     print(markdown_table(rows, ["idle_s", "load_s", "share", "slowdown", "excess"], first="setting"))
     if args.out:
         write_json(args.out, {"hogs": args.hogs, "available_cpus": available_cpus(), "steps": args.steps,
